@@ -1,0 +1,17 @@
+"""disttrain: distributed training for ordinary PyTorch code.
+
+    import disttrain
+    ds = disttrain.setup(strategy="ddp")
+    model, optimizer, loader = ds.prepare(model, optimizer, loader)
+    ...
+    ds.backward(loss)
+"""
+
+from disttrain.env import DistEnv
+from disttrain.errors import ConfigError, NonFiniteLossError
+from disttrain.session import Session, setup
+from disttrain.strategies.base import Strategy
+from disttrain.trainer import Trainer, TrainerConfig
+
+__all__ = ["setup", "Session", "Trainer", "TrainerConfig", "Strategy", "DistEnv", "ConfigError", "NonFiniteLossError"]
+__version__ = "0.1.0"

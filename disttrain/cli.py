@@ -1,0 +1,185 @@
+"""The Hydra app: ``python -m disttrain ...`` or ``torchrun --nproc_per_node=N -m disttrain ...``.
+
+Order of work on every rank: compose config -> validate it against the environment (no process
+group yet, so a bad value fails on every rank at once with the same message) -> start the
+session -> build model, data, optimizer -> train -> release model and optimizer -> end the
+process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from disttrain.env import DistEnv
+from disttrain.errors import ConfigError
+from disttrain.registry import CONF_DIR, build_strategy, instantiate
+
+log = logging.getLogger("disttrain")
+
+EXIT_CONFIG_ERROR = 2
+
+
+# ---------------------------------------------------------------------- one run directory
+def run_id() -> str:
+    """A name every rank of one launch agrees on without a process group, stable across
+    torchrun restarts (so ``trainer.resume=auto`` finds the checkpoints after a restart).
+
+    Under torchrun the first rank to ask stores a timestamp in the agent's TCP store and every
+    rank reads it back; under SLURM the job id is used; otherwise a timestamp."""
+    if os.environ.get("DISTTRAIN_RUN_ID"):
+        return os.environ["DISTTRAIN_RUN_ID"]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+        import datetime
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        agreed = store.compare_set(f"disttrain/run_id/{run}", "", stamp).decode()
+        return agreed
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return stamp
+
+
+def _rank() -> int:
+    return DistEnv.from_environ().rank
+
+
+def register_resolvers() -> None:
+    """``${dt_run_id:}`` and ``${dt_rank_zero:X}`` (X on rank 0, null elsewhere) for conf/."""
+    if not OmegaConf.has_resolver("dt_run_id"):
+        OmegaConf.register_new_resolver("dt_run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("dt_rank_zero"):
+        OmegaConf.register_new_resolver("dt_rank_zero", lambda value: value if _rank() == 0 else None)
+
+
+# ---------------------------------------------------------------------- validation
+def validate(cfg: DictConfig, env: DistEnv):
+    """Check the composed config against the environment; return the (cheap) strategy object.
+    Raises ConfigError naming the bad value and the fix."""
+    from disttrain.trainer import TrainerConfig
+
+    for group in ("model", "data.dataset", "optimizer", "data.loss"):
+        node = OmegaConf.select(cfg, group)
+        if node is None or not node.get("_target_"):
+            raise ConfigError(
+                f"{group} has no _target_: set {group}._target_ to the import path of a class or function, "
+                f"or pick a config from conf/ (e.g. {group.split('.')[0]}=...)"
+            )
+    strategy = build_strategy(cfg.strategy)
+    strategy.validate(env)
+    trainer_cfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    _, dp = strategy.data_shard(env)
+    batch = int(cfg.data.batch_size)
+    if batch < 1 or batch % dp:
+        ok = [dp * k for k in range(1, 5)]
+        raise ConfigError(
+            f"data.batch_size={batch} is not divisible by the {dp} data-parallel ranks of strategy "
+            f"{strategy.name} at world size {env.world_size}: use a multiple of {dp}, e.g. {ok}"
+        )
+    return strategy, trainer_cfg
+
+
+# ---------------------------------------------------------------------- the job
+def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
+    """Run one training job from a composed config. Returns the final summary (rank 0's view)."""
+    from disttrain.observe import configure_logging
+    from disttrain.session import Session, seed_everything
+    from disttrain.trainer import Trainer
+
+    env = DistEnv.from_environ()
+    configure_logging(env.rank, run_dir if env.is_rank_zero else None)
+    strategy, trainer_cfg = validate(cfg, env)
+    session = Session(
+        strategy,
+        env=env,
+        accelerator=cfg.accelerator,
+        precision=str(cfg.precision),
+        backend=cfg.dist.backend,
+        timeout_s=float(cfg.dist.timeout_s),
+        num_threads=cfg.dist.num_threads,
+        gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
+        grad_clip=trainer_cfg.grad_clip,
+        seed=int(cfg.seed),
+    )
+    try:
+        if env.is_rank_zero:
+            log.info("run directory: %s", run_dir)
+            log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+        train_data, eval_data = instantiate(cfg.data.dataset, "data.dataset")
+        seed_everything(int(cfg.seed))  # same initial weights on every rank
+        model = instantiate(cfg.model, "model")
+        optimizer = instantiate(cfg.optimizer, "optimizer", params=model.parameters())
+        sched_cfg = cfg.get("scheduler")
+        scheduler = partial(instantiate, sched_cfg, "scheduler") if sched_cfg and sched_cfg.get("_target_") else None
+        trainer = Trainer(
+            session,
+            model,
+            optimizer,
+            loss_fn=instantiate(cfg.data.loss, "data.loss"),
+            train_data=train_data,
+            eval_data=eval_data,
+            batch_size=int(cfg.data.batch_size),
+            metric=cfg.data.get("metric"),
+            config=trainer_cfg,
+            scheduler_factory=(lambda opt: scheduler(optimizer=opt)) if scheduler else None,
+            run_dir=run_dir,
+            num_workers=int(cfg.data.get("num_workers", 0)),
+            seed=int(cfg.seed),
+            hparams=_flat_hparams(cfg),
+        )
+        del model, optimizer
+        summary = trainer.fit()
+        del trainer  # release the wrapped model before the process group (clean exit)
+        return summary
+    finally:
+        session.close()
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+# ---------------------------------------------------------------------- entry points
+def _hydra_entry(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, run_dir)
+    except ConfigError as exc:
+        print(f"disttrain: config error (rank {_rank()}): {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def main() -> None:
+    """Console entry point (``disttrain``) and ``python -m disttrain``."""
+    import hydra
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    register_resolvers()
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_entry)
+    record(app)()  # torchrun's error file: the failing rank and its traceback in the output

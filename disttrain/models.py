@@ -1,0 +1,52 @@
+"""Small built-in models: an MLP classifier for digits and a linear/MLP regressor for exact tests.
+
+Both keep their layers in an ``nn.Sequential`` named ``layers`` so that placements such as
+``layers.0-3`` address them by index.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class MLP(nn.Module):
+    """``in_features -> hidden x depth -> out_features`` with ReLU (or Tanh) between layers."""
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: int = 128,
+        out_features: int = 10,
+        depth: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"model.depth={depth}: must be >= 1 (the number of hidden layers)")
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+        if activation not in act:
+            raise ValueError(f"model.activation={activation!r}: expected one of {sorted(act)}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), act[activation]()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, out_features))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Linear(nn.Module):
+    """A single linear layer (linear regression): the smallest exact oracle."""
+
+    def __init__(self, in_features: int = 8, out_features: int = 1) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, out_features))
+
+    def forward(self, x):
+        return self.layers(x)

@@ -1,0 +1,218 @@
+"""The one interface every parallelism implements.
+
+A strategy is built from config (cheap, no process group), validated against the environment,
+then set up. After that the Session and the Trainer only call these methods; neither ever asks
+which strategy it holds. A strategy can own the whole train step (``train_step``) and even the
+whole loop (``run``: a parameter server's server ranks serve instead of training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from disttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from disttrain.env import DistEnv
+    from disttrain.timing import StepTimer
+
+T = TypeVar("T")
+Batch = Sequence[Any]  # (inputs, targets)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,  # divided afterwards: gloo has no AVG
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+
+
+class Strategy:
+    """Base class; its defaults describe one process that holds the whole model (``single``).
+
+    Lifecycle: ``__init__(**options)`` -> ``validate(env)`` -> ``setup(env, device, ...)`` ->
+    ``wrap`` / ``train_step`` / ... -> ``teardown()``.
+    """
+
+    #: the name shown in logs and reports (never used for branching)
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.env: DistEnv | None = None
+        self.device = torch.device("cpu")
+        self._group_started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def validate(self, env: "DistEnv") -> None:
+        """Raise ConfigError if this strategy cannot run in ``env``. Called on every rank before
+        any process group exists, so a bad config fails everywhere at once, without a hang."""
+
+    def setup(self, env: "DistEnv", device: torch.device, backend: str, timeout_s: float) -> None:
+        """Start the process group (if the job is distributed) and remember the device."""
+        from disttrain.env import init_process_group
+
+        self.env = env
+        self.device = device
+        self._group_started = init_process_group(env, backend, timeout_s, device)
+
+    def teardown(self) -> None:
+        """Release what ``setup`` made. The Session destroys the process group afterwards."""
+
+    def run(self, loop: Callable[[], T]) -> T | None:
+        """Run the training loop on this rank. Strategies whose ranks have other roles (servers)
+        run those roles here instead; the return value is then ``None``."""
+        return loop()
+
+    # ------------------------------------------------------------------ data
+    def data_shard(self, env: "DistEnv") -> tuple[int, int]:
+        """``(index, count)``: which shard of each epoch this rank reads, out of how many.
+        Also used before setup to check the batch size divides evenly."""
+        return env.rank, env.world_size
+
+    # ------------------------------------------------------------------ model
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Move ``model`` to the device and wrap it (and the optimizer) for this strategy."""
+        return model.to(self.device), optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's module inside whatever ``wrap`` returned."""
+        return model
+
+    # ------------------------------------------------------------------ one step, in parts
+    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Whether the next forward/backward synchronises gradients (off on non-final
+        accumulation micro-steps). Must be called before the forward."""
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        """Apply the (already synchronised) gradients; clip first if asked."""
+        if grad_clip:
+            self.clip_grad_norm(model, grad_clip)
+        optimizer.step()
+
+    # ------------------------------------------------------------------ one step, whole
+    def train_step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        micro_batches: Sequence[Batch],
+        loss_fn: LossFn,
+        grad_clip: float | None,
+        timer: "StepTimer",
+    ) -> torch.Tensor:
+        """Forward, backward and update over ``micro_batches`` (gradient accumulation: sync only
+        on the last). Returns the mean loss of this rank, detached. Strategies that schedule
+        micro-batches themselves (pipelines) or exchange gradients differently override this."""
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            self.set_grad_sync(model, i == n - 1)
+            inputs, targets = self.to_device(inputs), self.to_device(targets)
+            with timer.phase("forward"):
+                loss = loss_fn(model(inputs), targets)
+            with timer.phase("backward"):
+                self.backward(loss / n, model)
+            total += loss.detach()
+        with timer.phase("optimizer"):
+            self.optimizer_step(model, optimizer, grad_clip)
+            optimizer.zero_grad(set_to_none=True)
+        return total / n
+
+    def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
+        """Outputs for ``inputs`` in eval mode, or ``None`` on ranks that produce none (for
+        example the non-final stages of a pipeline)."""
+        return model(self.to_device(inputs))
+
+    # ------------------------------------------------------------------ collectives
+    def reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Reduce ``tensor`` over the ranks that train (``sum``, ``mean``, ``max``, ``min``)."""
+        if op not in _REDUCE_OPS:
+            raise ValueError(f"reduce op {op!r}: expected one of {sorted(_REDUCE_OPS)}")
+        group = self.reduce_group()
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return tensor
+        out = tensor.clone()
+        dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
+        if op == "mean":
+            out = out / dist.get_world_size(group)
+        return out
+
+    def reduce_group(self) -> dist.ProcessGroup | None:
+        """The group ``reduce`` and ``barrier`` span: by default every rank."""
+        return None
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.reduce_group())
+
+    def check_in_sync(self, model: nn.Module) -> list[str]:
+        """Names of parameters that differ across the ranks that should hold identical copies.
+        Compares per-parameter checksums with one max and one min reduction."""
+        params = [(n, p) for n, p in self.unwrap(model).named_parameters()]
+        if not params or not dist.is_initialized():
+            return []
+        sums = torch.stack([p.detach().double().sum() for _, p in params]).to(self.device)
+        hi, lo = self.reduce(sums, "max"), self.reduce(sums, "min")
+        return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Everything of model and optimizer needed to continue, as rank 0 will write it."""
+        return {
+            "model": self.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        }
+
+    def load_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
+    ) -> None:
+        self.unwrap(model).load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+
+    def writes_checkpoint(self) -> bool:
+        """Whether this rank writes the checkpoint file (rank 0 for data parallelism)."""
+        return self.env is None or self.env.is_rank_zero
+
+    # ------------------------------------------------------------------ helpers
+    def to_device(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.to_device(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.to_device(v) for k, v in x.items()}
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        """Options to log as hyperparameters."""
+        return {"strategy": self.name}
+
+
+@contextlib.contextmanager
+def no_grad_sync(strategy: Strategy, model: nn.Module) -> Iterator[None]:
+    """Context manager form of ``set_grad_sync(model, False)``."""
+    strategy.set_grad_sync(model, False)
+    try:
+        yield
+    finally:
+        strategy.set_grad_sync(model, True)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds: for ``validate`` implementations."""
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,365 @@
+"""The full-run face: epochs or max steps, accumulation, LR schedule, evaluation, checkpoints,
+logging and sanity checks, on top of a Session. The loop stays a loop: every distributed act is a
+Session (and so a Strategy) call, and nothing here asks which strategy or role this rank has."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from disttrain import checkpoint as ckpt
+from disttrain.errors import ConfigError, NonFiniteLossError
+from disttrain.observe import RunLogger
+from disttrain.session import Session, ShardedLoader
+
+log = logging.getLogger("disttrain")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """``conf/trainer/*.yaml``; checked in ``__post_init__`` so a bad value fails before any work."""
+
+    max_epochs: int = 10
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    grad_clip: float | None = None
+    log_every_n_steps: int = 10
+    eval_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int | None = None  # None: at the end of every epoch
+    checkpoint_keep_last: int | None = 3
+    resume: str | None = None  # None | "auto" | path to a checkpoint file or directory
+    preflight_steps: int = 0  # >0: overfit one batch first and require the loss to fall
+    check_finite: bool = True
+    check_in_sync: bool = True
+    progress_bar: str | bool = "auto"
+    slowdown: dict[str, float] | None = field(default=None)  # {rank: r, factor: f}
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, rule: str) -> ConfigError:
+            return ConfigError(f"trainer.{key}={value!r}: {rule}")
+
+        if self.max_epochs < 1:
+            raise bad("max_epochs", self.max_epochs, "must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", self.max_steps, "must be >= 1 or null (train for max_epochs)")
+        if self.gradient_accumulation_steps < 1:
+            raise bad("gradient_accumulation_steps", self.gradient_accumulation_steps, "must be >= 1")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise bad("grad_clip", self.grad_clip, "must be > 0 or null (no clipping)")
+        for key in ("log_every_n_steps", "eval_every_n_epochs"):
+            if getattr(self, key) < 1:
+                raise bad(key, getattr(self, key), "must be >= 1")
+        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
+            raise bad("checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be >= 1 or null (every epoch)")
+        if self.preflight_steps < 0:
+            raise bad("preflight_steps", self.preflight_steps, "must be >= 0 (0 disables the pre-flight)")
+        if self.slowdown is not None:
+            if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
+                raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
+
+
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # each returns the *sum* over the batch, so sums reduce exactly across ranks
+    "accuracy": lambda out, y: (out.argmax(-1) == y).sum().double(),
+    "mse": lambda out, y: ((out.float() - y.float()) ** 2).mean(tuple(range(1, out.dim()))).sum().double(),
+}
+
+
+class Trainer:
+    """Train ``model`` with ``session``'s strategy. Build it after ``Session(...)``; call ``fit()``."""
+
+    def __init__(
+        self,
+        session: Session,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        train_data: Dataset,
+        batch_size: int,
+        config: TrainerConfig = TrainerConfig(),
+        eval_data: Dataset | None = None,
+        metric: str | None = None,
+        scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None,
+        run_dir: Path | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        if metric is not None and metric not in METRICS:
+            raise ConfigError(f"data.metric={metric!r}: expected one of {sorted(METRICS)} or null")
+        self.s, self.cfg = session, config
+        self.loss_fn, self.metric = loss_fn, metric
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.batch_size = batch_size
+        self.model, self.optimizer = session.prepare_model(model, optimizer)
+        self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
+        self.train_loader: ShardedLoader = session.prepare_loader(loader, seed=seed)
+        self.eval_data = eval_data
+        self.logger = RunLogger(self.run_dir, enabled=session.is_main)
+        self.hparams = hparams or {}
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # optimizer steps taken in the current epoch (resume position)
+
+    # ------------------------------------------------------------------ public
+    def fit(self) -> dict[str, Any]:
+        """Train, evaluate and checkpoint; returns the final metrics (on training ranks)."""
+        try:
+            return self.s.run(self._fit) or {}
+        finally:
+            self.logger.close()
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss (and the metric) over the whole eval set, reduced exactly across ranks: each
+        rank sums over its own disjoint slice, then the sums are added."""
+        if self.eval_data is None:
+            return {}
+        index, count = self.s.data_shard
+        part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
+        loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.s.device)  # loss, metric, count
+        self.model.eval()
+        for x, y in loader:
+            out = self.s.eval_forward(self.model, x)
+            if out is None:
+                continue
+            y = y.to(out.device)
+            sums[0] += self.loss_fn(out, y).double() * len(y)
+            if self.metric:
+                sums[1] += METRICS[self.metric](out, y)
+            sums[2] += len(y)
+        self.model.train()
+        sums = self.s.reduce(sums, "sum")
+        n = max(sums[2].item(), 1.0)
+        out = {"loss": sums[0].item() / n}
+        if self.metric:
+            out[self.metric] = sums[1].item() / n
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def _fit(self) -> dict[str, Any]:
+        cfg, s = self.cfg, self.s
+        self._check_in_sync()
+        self._resume()
+        if cfg.preflight_steps and self.step == 0:
+            self._preflight()
+        max_steps = cfg.max_steps or math.inf
+        steps_per_epoch = len(self.train_loader) // cfg.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"an epoch has {len(self.train_loader)} batches per rank, fewer than "
+                f"trainer.gradient_accumulation_steps={cfg.gradient_accumulation_steps}: lower the batch size or accumulation"
+            )
+        log.info(
+            "training: strategy=%s world=%d data-parallel=%d global batch=%d accumulation=%d steps/epoch=%d",
+            s.strategy.name, s.world_size, s.data_shard[1], self.batch_size, cfg.gradient_accumulation_steps, steps_per_epoch,
+        )
+        bar = self._progress_bar(min(max_steps, cfg.max_epochs * steps_per_epoch))
+        t_start = time.perf_counter()
+        t_window, samples_window = t_start, 0
+        metrics: dict[str, float] = {}
+        while self.epoch < cfg.max_epochs and self.step < max_steps:
+            for micro in self._micro_batches(steps_per_epoch):
+                loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
+                self._slow_down(s.timer.step)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                phases = s.timer.end_step()
+                local = loss.item()
+                if cfg.check_finite and not math.isfinite(local):
+                    raise NonFiniteLossError(
+                        f"loss is {local} at step {self.step} (epoch {self.epoch}) on rank {s.rank}: lower "
+                        f"optimizer.lr, set trainer.grad_clip, or check the data for NaN/inf"
+                    )
+                self.logger.loss(self.step, local)
+                samples_window += self.batch_size * cfg.gradient_accumulation_steps
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_every_n_steps == 0:
+                    mean_loss = s.reduce(loss, "mean").item()
+                    now = time.perf_counter()
+                    rate = samples_window / max(now - t_window, 1e-9)
+                    t_window, samples_window = now, 0
+                    self._log_step(mean_loss, rate, phases, bar)
+                if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
+                    self.save_checkpoint()
+                if self.step >= max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self.eval_data is not None and self.epoch % cfg.eval_every_n_epochs == 0:
+                    metrics = self.evaluate()
+                    self.logger.eval(self.step, metrics)
+                    log.info("epoch %d step %d eval %s", self.epoch, self.step, _fmt(metrics))
+                if not cfg.checkpoint_every_n_steps:
+                    self.save_checkpoint()
+                continue
+            break  # max_steps reached inside the epoch
+        elapsed = time.perf_counter() - t_start
+        if bar is not None:
+            bar.close()
+        if self.eval_data is not None:
+            metrics = self.evaluate()
+            self.logger.eval(self.step, metrics)
+        self.save_checkpoint()
+        return self._finish(metrics, elapsed)
+
+    def _micro_batches(self, steps_per_epoch: int) -> Iterator[list]:
+        """Groups of ``gradient_accumulation_steps`` batches; time spent waiting on the loader
+        is recorded as the ``data`` phase. Resumes mid-epoch where the checkpoint left off."""
+        accum = self.cfg.gradient_accumulation_steps
+        self.train_loader.epoch = self.epoch
+        self.train_loader.skip = self.batch_in_epoch * accum
+        it = iter(self.train_loader)
+        for _ in range(steps_per_epoch - self.batch_in_epoch):
+            with self.s.timer.phase("data"):
+                group = [next(it) for _ in range(accum)]
+            yield group
+
+    # ------------------------------------------------------------------ pieces
+    def _log_step(self, loss: float, rate: float, phases: dict[str, float], bar: Any) -> None:
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
+        scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_sec": rate}
+        scalars.update({f"time/{k}_ms": v * 1e3 for k, v in phases.items()})
+        self.logger.scalars(self.step, scalars)
+        msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.4f} {rate:.0f} samples/s")
+        else:
+            log.info(msg + " | " + " ".join(f"{k} {v * 1e3:.1f}ms" for k, v in phases.items()))
+
+    def _finish(self, metrics: dict[str, float], elapsed: float) -> dict[str, Any]:
+        timer = self.s.timer
+        samples = self.step * self.batch_size * self.cfg.gradient_accumulation_steps
+        summary = {
+            "steps": self.step,
+            "epochs": self.epoch,
+            "elapsed_s": elapsed,
+            "samples_per_sec": samples / max(elapsed, 1e-9),
+            "step_time_ms": {k: v * 1e3 for k, v in timer.mean().items()},
+            **{f"eval_{k}": v for k, v in metrics.items()},
+        }
+        self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
+        self.logger.plot()
+        self.logger.summary(summary)
+        log.info(
+            "done: %d steps in %.1fs, %.0f samples/s, %s | mean step %s",
+            self.step, elapsed, summary["samples_per_sec"], _fmt(metrics),
+            " ".join(f"{k} {v:.1f}ms" for k, v in summary["step_time_ms"].items()),
+        )
+        return summary
+
+    def _check_in_sync(self) -> None:
+        if not self.cfg.check_in_sync:
+            return
+        differing = self.s.strategy.check_in_sync(self.model)
+        if differing:
+            raise RuntimeError(
+                f"parameters differ across ranks after setup: {differing[:5]}{' ...' if len(differing) > 5 else ''}. "
+                f"Seed every rank the same (seed=...) or let the strategy broadcast from rank 0"
+            )
+
+    def _preflight(self) -> None:
+        """Overfit one batch for ``preflight_steps`` steps; the loss must at least halve. Then
+        restore the model and optimizer, so the pre-flight leaves no trace on the real run."""
+        model_state = copy.deepcopy(self.s.strategy.state_dict(self.model, self.optimizer))
+        batch = next(iter(self.train_loader.loader))
+        first = last = None
+        for _ in range(self.cfg.preflight_steps):
+            loss = self.s.reduce(self.s.train_step(self.model, self.optimizer, [batch], self.loss_fn), "mean").item()
+            first = loss if first is None else first
+            last = loss
+        self.s.timer.step.clear()
+        self.s.strategy.load_state_dict(self.model, self.optimizer, model_state)
+        log.info("pre-flight: loss on one batch %.4f -> %.4f in %d steps", first, last, self.cfg.preflight_steps)
+        if not (last < 0.5 * first):
+            raise RuntimeError(
+                f"pre-flight failed: the model could not overfit one batch (loss {first:.4f} -> {last:.4f} in "
+                f"{self.cfg.preflight_steps} steps). Check the learning rate, the loss and the labels before a full run"
+            )
+
+    def _slow_down(self, phases: dict[str, float]) -> None:
+        """The straggler knob: make this rank's compute take ``factor`` times as long by doing
+        extra work (not sleeping, which would free the CPU for the others)."""
+        sd = self.cfg.slowdown
+        if not sd or int(sd["rank"]) != self.s.rank:
+            return
+        compute = phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("compute", 0.0)
+        extra = (float(sd["factor"]) - 1.0) * compute
+        a = torch.randn(64, 64)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < extra:
+            a = torch.tanh(a @ a)
+        self.s.timer.add("straggle", time.perf_counter() - t0)
+
+    def _progress_bar(self, total: float) -> Any:
+        show = self.cfg.progress_bar
+        if show == "auto":
+            show = sys.stderr.isatty()
+        if not show or not self.s.is_main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=None if math.isinf(total) else int(total), unit="step", dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng_cpu": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt_dir is None:
+            return
+        self.s.save(self.ckpt_dir / f"step_{self.step:08d}.pt", keep_last=self.cfg.checkpoint_keep_last, **self.checkpoint_state())
+
+    def _resume(self) -> None:
+        where = self.cfg.resume
+        if not where:
+            return
+        if where == "auto":
+            if self.ckpt_dir is None:
+                return
+            path = self.ckpt_dir
+        else:
+            path = Path(where)
+            if not path.exists():
+                raise ConfigError(f"trainer.resume={where!r}: no such file or directory (use auto, a .pt file or a checkpoint directory)")
+        if path.is_dir():
+            found = ckpt.find_latest(path if path.name == "checkpoints" or not (path / "checkpoints").is_dir() else path / "checkpoints")
+            if found is None:
+                if where != "auto":
+                    raise ConfigError(f"trainer.resume={where!r}: no complete checkpoint in that directory")
+                log.info("resume=auto: no checkpoint yet in %s, starting fresh", path)
+                return
+            path = found[0]
+        extra = self.s.load(path)
+        self.step, self.epoch, self.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+        if self.scheduler is not None and extra.get("scheduler") is not None:
+            self.scheduler.load_state_dict(extra["scheduler"])
+        if extra.get("rng_cpu") is not None:
+            torch.set_rng_state(extra["rng_cpu"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
