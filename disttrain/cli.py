@@ -121,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
         train_data, eval_data = instantiate(cfg.data.dataset, "data.dataset")
         seed_everything(int(cfg.seed))  # same initial weights on every rank
-        model = instantiate(cfg.model, "model")
+        model = session.strategy.build_model(lambda: instantiate(cfg.model, "model"))
         optimizer = instantiate(cfg.optimizer, "optimizer", params=model.parameters())
         sched_cfg = cfg.get("scheduler")
         scheduler = partial(instantiate, sched_cfg, "scheduler") if sched_cfg and sched_cfg.get("_target_") else None

@@ -28,7 +28,7 @@ from disttrain import checkpoint as ckpt
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
 from disttrain.registry import build_strategy
-from disttrain.strategies.base import Strategy
+from disttrain.strategies.base import RunOptions, Strategy
 from disttrain.timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Session:
         self.accumulate = int(gradient_accumulation_steps)
         self.grad_clip = grad_clip
         self.num_threads = configure_threads(self.device, num_threads)
+        self.strategy.configure(RunOptions(precision, self.accumulate, grad_clip))
         if seed is not None:
             seed_everything(seed)
         self.strategy.setup(self.env, self.device, self.env.backend(self.device, backend), timeout_s)
@@ -128,8 +129,7 @@ class Session:
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         """Wrap ``model`` (and its optimizer) for the strategy; returns the raw wrapped pair."""
         model, optimizer = self.strategy.wrap(model, optimizer)
-        if self.precision == "bf16":
-            model.forward = _autocast_forward(model.forward, self.device)  # as Accelerate does
+        model = self.strategy.apply_precision(model, self.precision)
         self.strategy.set_grad_sync(model, self.accumulate == 1)
         self._model, self._optimizer = model, optimizer
         return model, optimizer
@@ -220,8 +220,9 @@ class Session:
     def barrier(self) -> None:
         self.strategy.barrier()
 
-    def run(self, loop: Callable[[], T]) -> T | None:
-        return self.strategy.run(loop)
+    def run(self, loop: Callable[[], T], logger: Any = None) -> T | None:
+        """Run ``loop`` on training ranks; ranks with other roles (parameter servers) serve."""
+        return self.strategy.run(loop, logger)
 
     # ------------------------------------------------------------------ rank-zero helpers
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -368,16 +369,6 @@ class _SessionOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SessionOptimizer({self.inner!r})"
-
-
-def _autocast_forward(forward: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = forward(*args, **kwargs)
-        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
-
-    return wrapped
 
 
 def seed_everything(seed: int) -> None:

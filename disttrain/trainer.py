@@ -115,9 +115,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
-        """Train, evaluate and checkpoint; returns the final metrics (on training ranks)."""
+        """Train, then evaluate, checkpoint and summarise on every rank; returns the summary."""
         try:
-            return self.s.run(self._fit) or {}
+            self._resume()
+            t0 = time.perf_counter()
+            self.s.run(self._train, self.logger)  # ranks with other roles (servers) serve here
+            elapsed = time.perf_counter() - t0
+            self.s.strategy.finish_training(self.model)
+            # ranks that did not run the loop learn how far it got
+            self.step = int(self.s.reduce(float(self.step), "max").item())
+            self.epoch = int(self.s.reduce(float(self.epoch), "max").item())
+            metrics = self.evaluate()
+            if metrics:
+                self.logger.eval(self.step, metrics)
+            self.save_checkpoint()
+            return self._finish(metrics, elapsed)
         finally:
             self.logger.close()
 
@@ -126,7 +138,7 @@ class Trainer:
         rank sums over its own disjoint slice, then the sums are added."""
         if self.eval_data is None:
             return {}
-        index, count = self.s.data_shard
+        index, count = self.s.strategy.eval_shard(self.s.env)
         part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
         loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
         sums = torch.zeros(3, dtype=torch.float64, device=self.s.device)  # loss, metric, count
@@ -149,10 +161,10 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ the loop
-    def _fit(self) -> dict[str, Any]:
+    def _train(self) -> None:
+        """The loop, on the ranks that train."""
         cfg, s = self.cfg, self.s
         self._check_in_sync()
-        self._resume()
         if cfg.preflight_steps and self.step == 0:
             self._preflight()
         max_steps = cfg.max_steps or math.inf
@@ -167,9 +179,7 @@ class Trainer:
             s.strategy.name, s.world_size, s.data_shard[1], self.batch_size, cfg.gradient_accumulation_steps, steps_per_epoch,
         )
         bar = self._progress_bar(min(max_steps, cfg.max_epochs * steps_per_epoch))
-        t_start = time.perf_counter()
-        t_window, samples_window = t_start, 0
-        metrics: dict[str, float] = {}
+        t_window, samples_window = time.perf_counter(), 0
         while self.epoch < cfg.max_epochs and self.step < max_steps:
             for micro in self._micro_batches(steps_per_epoch):
                 loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
@@ -202,22 +212,16 @@ class Trainer:
             else:
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if self.eval_data is not None and self.epoch % cfg.eval_every_n_epochs == 0:
+                if self.eval_data is not None and self.epoch % cfg.eval_every_n_epochs == 0 and self.epoch < cfg.max_epochs:
                     metrics = self.evaluate()
                     self.logger.eval(self.step, metrics)
                     log.info("epoch %d step %d eval %s", self.epoch, self.step, _fmt(metrics))
-                if not cfg.checkpoint_every_n_steps:
-                    self.save_checkpoint()
+                if not cfg.checkpoint_every_n_steps and self.epoch < cfg.max_epochs:
+                    self.save_checkpoint()  # the last epoch's is the final checkpoint, written by fit()
                 continue
             break  # max_steps reached inside the epoch
-        elapsed = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
-        if self.eval_data is not None:
-            metrics = self.evaluate()
-            self.logger.eval(self.step, metrics)
-        self.save_checkpoint()
-        return self._finish(metrics, elapsed)
 
     def _micro_batches(self, steps_per_epoch: int) -> Iterator[list]:
         """Groups of ``gradient_accumulation_steps`` batches; time spent waiting on the loader
@@ -236,6 +240,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_sec": rate}
         scalars.update({f"time/{k}_ms": v * 1e3 for k, v in phases.items()})
+        scalars.update(self.s.strategy.log_metrics())
         self.logger.scalars(self.step, scalars)
         msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
         if bar is not None:
@@ -253,14 +258,16 @@ class Trainer:
             "samples_per_sec": samples / max(elapsed, 1e-9),
             "step_time_ms": {k: v * 1e3 for k, v in timer.mean().items()},
             **{f"eval_{k}": v for k, v in metrics.items()},
+            **self.s.strategy.summary(),
         }
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
         self.logger.plot()
         self.logger.summary(summary)
+        extra = " ".join(f"{k}={v}" for k, v in self.s.strategy.summary().items())
         log.info(
-            "done: %d steps in %.1fs, %.0f samples/s, %s | mean step %s",
+            "done: %d steps in %.1fs, %.0f samples/s, %s | mean step %s %s",
             self.step, elapsed, summary["samples_per_sec"], _fmt(metrics),
-            " ".join(f"{k} {v:.1f}ms" for k, v in summary["step_time_ms"].items()),
+            " ".join(f"{k} {v:.1f}ms" for k, v in summary["step_time_ms"].items()), extra,
         )
         return summary
 

@@ -9,6 +9,7 @@ whole loop (``run``: a parameter server's server ranks serve instead of training
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -19,11 +20,22 @@ from disttrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from disttrain.env import DistEnv
+    from disttrain.observe import RunLogger
     from disttrain.timing import StepTimer
 
 T = TypeVar("T")
 Batch = Sequence[Any]  # (inputs, targets)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Training options the Session owns and some strategies must know (an engine such as
+    DeepSpeed folds them into its own config: one source of truth)."""
+
+    precision: str = "32"  # "32" | "bf16"
+    gradient_accumulation_steps: int = 1
+    grad_clip: float | None = None
+
 
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -46,7 +58,12 @@ class Strategy:
     def __init__(self) -> None:
         self.env: DistEnv | None = None
         self.device = torch.device("cpu")
+        self.run_options = RunOptions()
         self._group_started = False
+
+    def configure(self, options: RunOptions) -> None:
+        """Receive the Session's training options (before ``setup``)."""
+        self.run_options = options
 
     # ------------------------------------------------------------------ lifecycle
     def validate(self, env: "DistEnv") -> None:
@@ -64,10 +81,24 @@ class Strategy:
     def teardown(self) -> None:
         """Release what ``setup`` made. The Session destroys the process group afterwards."""
 
-    def run(self, loop: Callable[[], T]) -> T | None:
+    def run(self, loop: Callable[[], T], logger: "RunLogger | None" = None) -> T | None:
         """Run the training loop on this rank. Strategies whose ranks have other roles (servers)
-        run those roles here instead; the return value is then ``None``."""
+        run those roles here instead (logging their own metrics through ``logger``, which
+        writes only on rank 0); the return value is then ``None``."""
         return loop()
+
+    def finish_training(self, model: nn.Module) -> None:
+        """Called on every rank after ``run`` returns, before the final evaluation and
+        checkpoint: a strategy whose ranks had different roles brings them back together here
+        (e.g. servers assemble the final model on every rank)."""
+
+    def log_metrics(self) -> dict[str, float]:
+        """Strategy-specific scalars for TensorBoard, polled by the Trainer at log steps."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Strategy-specific figures for the run's final summary line and summary.json."""
+        return {}
 
     # ------------------------------------------------------------------ data
     def data_shard(self, env: "DistEnv") -> tuple[int, int]:
@@ -75,7 +106,24 @@ class Strategy:
         Also used before setup to check the batch size divides evenly."""
         return env.rank, env.world_size
 
+    def eval_shard(self, env: "DistEnv") -> tuple[int, int]:
+        """``(index, count)`` of the eval set this rank evaluates; every sample is evaluated
+        exactly once across the ranks whose ``eval_forward`` returns outputs."""
+        return self.data_shard(env)
+
     # ------------------------------------------------------------------ model
+    def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Construct the model. A strategy that holds only part of it on this rank (pipeline
+        stages) may build just that part."""
+        return factory()
+
+    def apply_precision(self, model: nn.Module, precision: str) -> nn.Module:
+        """bf16: run the wrapped model's forward under autocast and return fp32 outputs (as
+        Accelerate does). Engines with their own mixed precision override this."""
+        if precision == "bf16":
+            model.forward = _autocast_forward(model.forward, self.device)
+        return model
+
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
@@ -216,3 +264,15 @@ def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds: for ``validate`` implementations."""
     if not condition:
         raise ConfigError(message)
+
+
+def _autocast_forward(forward: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    import functools
+
+    @functools.wraps(forward)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+    return wrapped
