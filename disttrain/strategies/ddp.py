@@ -31,7 +31,7 @@ class DDPStrategy(Strategy):
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = True,
-        broadcast_buffers: bool = True,
+        forward_sync_buffers: bool = True,
         compression: str = "none",
     ) -> None:
         super().__init__()
@@ -40,7 +40,7 @@ class DDPStrategy(Strategy):
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
-            broadcast_buffers=broadcast_buffers,
+            forward_sync_buffers=forward_sync_buffers,
         )
         self.compression = compression
 
