@@ -3,12 +3,19 @@
 ``DistEnv.from_environ()`` reads, in order of precedence:
 
 * torchrun / torch.distributed.elastic (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
-  ``MASTER_ADDR``, ``MASTER_PORT``, ``GROUP_RANK``). A Kubeflow ``PyTorchJob`` sets ``RANK`` (the pod's
-  node rank when it launches torchrun in each pod), ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; when
-  torchrun runs inside the pod it overwrites them with per-process values, so both read correctly.
+  ``MASTER_ADDR``, ``MASTER_PORT``, ``GROUP_RANK``), on one node or many (``srun torchrun`` under
+  SLURM, ``torchrun`` in each pod of a Kubeflow ``PyTorchJob``): torchrun sets per-process values that
+  take precedence over whatever the scheduler set.
+* a Kubeflow ``PyTorchJob`` whose container runs ``python -m disttrain`` without torchrun: the
+  operator sets ``RANK`` (the pod's index, master first), ``WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT`` and ``PET_*`` variables (``PET_NODE_RANK``, ``PET_NPROC_PER_NODE``, ...); each pod is
+  then one process (local rank 0) and one node.
+* other launchers that set ``RANK`` and ``WORLD_SIZE`` only: local rank ``RANK % LOCAL_WORLD_SIZE``.
 * SLURM without torchrun (``srun python -m disttrain``): ``SLURM_PROCID``, ``SLURM_LOCALID``,
-  ``SLURM_NTASKS``, ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``, and the first host of
-  ``SLURM_JOB_NODELIST`` as the master address.
+  ``SLURM_NTASKS``, ``SLURM_NODEID``, the tasks on this node from ``SLURM_STEP_TASKS_PER_NODE`` /
+  ``SLURM_TASKS_PER_NODE`` (``2(x3),1``) or ``SLURM_NTASKS_PER_NODE``, and the first host of
+  ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` as the master address (port: from the job id,
+  unless ``MASTER_ADDR`` / ``MASTER_PORT`` are exported).
 * nothing: a single process (world size 1), e.g. plain ``python -m disttrain``.
 """
 
@@ -39,7 +46,7 @@ class DistEnv:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
-    source: str = "single"  # torchrun | slurm | single
+    source: str = "single"  # torchrun | pytorchjob | env | slurm | single
     restart_count: int = 0
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -63,8 +70,11 @@ class DistEnv:
         e = os.environ if environ is None else environ
         if "RANK" in e and "WORLD_SIZE" in e:
             world = int(e["WORLD_SIZE"])
-            local_world = int(e.get("LOCAL_WORLD_SIZE", world))
             rank = int(e["RANK"])
+            torchrun = "TORCHELASTIC_RUN_ID" in e or "LOCAL_RANK" in e
+            if not torchrun and _is_pytorchjob(e):
+                return cls._from_pytorchjob(e, rank, world)
+            local_world = int(e.get("LOCAL_WORLD_SIZE", world))
             return cls(
                 rank=rank,
                 local_rank=int(e.get("LOCAL_RANK", rank % max(local_world, 1))),
@@ -73,26 +83,49 @@ class DistEnv:
                 node_rank=int(e.get("GROUP_RANK", e.get("NODE_RANK", rank // max(local_world, 1)))),
                 master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=int(e.get("MASTER_PORT", DEFAULT_PORT)),
-                source="torchrun" if "TORCHELASTIC_RUN_ID" in e or "LOCAL_RANK" in e else "env",
+                source="torchrun" if torchrun else "env",
                 restart_count=int(e.get("TORCHELASTIC_RESTART_COUNT", 0)),
                 extra={k: v for k, v in e.items() if k.startswith("TORCHELASTIC_")},
             )
         if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
             world = int(e["SLURM_NTASKS"])
-            local_world = _slurm_tasks_per_node(e, world)
             rank = int(e["SLURM_PROCID"])
+            node = int(e["SLURM_NODEID"]) if "SLURM_NODEID" in e else None
+            local_world = _slurm_tasks_per_node(e, world, node)
+            nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST", "")
             return cls(
                 rank=rank,
                 local_rank=int(e.get("SLURM_LOCALID", 0)),
                 world_size=world,
                 local_world_size=local_world,
-                node_rank=int(e.get("SLURM_NODEID", rank // max(local_world, 1))),
-                master_addr=e.get("MASTER_ADDR") or _first_slurm_host(e.get("SLURM_JOB_NODELIST", "")),
-                master_port=int(e.get("MASTER_PORT", _slurm_port(e))),
+                node_rank=node if node is not None else rank // max(local_world, 1),
+                master_addr=e.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+                master_port=int(e.get("MASTER_PORT") or _slurm_port(e)),
                 source="slurm",
                 restart_count=int(e.get("SLURM_RESTART_COUNT", 0)),
             )
         return cls()
+
+    @classmethod
+    def _from_pytorchjob(cls, e: Mapping[str, str], rank: int, world: int) -> "DistEnv":
+        """One process per pod: the operator's RANK is the pod's index (master 0, worker i -> i+1)."""
+        nproc = e.get("PET_NPROC_PER_NODE", "1")
+        if nproc.isdigit() and int(nproc) > 1:
+            raise ValueError(
+                f"PyTorchJob sets nprocPerNode={nproc} (WORLD_SIZE={world} processes) but this pod runs "
+                f"disttrain without torchrun, so it starts only one: run `torchrun -m disttrain ...` as the "
+                f"container's command (see launchers/kubernetes/)"
+            )
+        return cls(
+            rank=rank,
+            local_rank=0,
+            world_size=world,
+            local_world_size=1,
+            node_rank=int(e.get("PET_NODE_RANK", rank)),
+            master_addr=e.get("MASTER_ADDR") or e.get("PET_MASTER_ADDR", "127.0.0.1"),
+            master_port=int(e.get("MASTER_PORT") or e.get("PET_MASTER_PORT", DEFAULT_PORT)),
+            source="pytorchjob",
+        )
 
     # ----------------------------------------------------------------- derived facts
     @property
@@ -176,30 +209,50 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _is_pytorchjob(e: Mapping[str, str]) -> bool:
+    """The Kubeflow training operator sets these ``PET_*`` variables (torchrun reads them as its
+    defaults) in every PyTorchJob pod, next to RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    return any(k in e for k in ("PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_NNODES"))
+
+
 # --------------------------------------------------------------------- SLURM helpers
-def _slurm_tasks_per_node(e: Mapping[str, str], world: int) -> int:
-    if "SLURM_NTASKS_PER_NODE" in e:
+def _slurm_tasks_per_node(e: Mapping[str, str], world: int, node: int | None = None) -> int:
+    """Tasks on this node. ``SLURM_STEP_TASKS_PER_NODE`` (this srun step) or ``SLURM_TASKS_PER_NODE``
+    list every node in SLURM's compressed form, e.g. ``4(x2)`` or ``2(x3),1``: pick this node's entry."""
+    for var in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = _expand_slurm_counts(e.get(var, ""))
+        if counts:
+            return counts[node] if node is not None and 0 <= node < len(counts) else counts[0]
+    if e.get("SLURM_NTASKS_PER_NODE", "").isdigit():
         return int(e["SLURM_NTASKS_PER_NODE"])
-    tpn = e.get("SLURM_TASKS_PER_NODE", "")  # e.g. "4(x2)" or "2,1"
-    m = re.match(r"(\d+)", tpn)
-    if m:
-        return int(m.group(1))
-    nodes = int(e.get("SLURM_JOB_NUM_NODES", e.get("SLURM_NNODES", 1)))
+    nodes = int(e.get("SLURM_STEP_NUM_NODES") or e.get("SLURM_JOB_NUM_NODES") or e.get("SLURM_NNODES") or 1)
     return max(1, world // max(nodes, 1))
 
 
+def _expand_slurm_counts(value: str) -> list[int]:
+    """``2(x3),1`` -> ``[2, 2, 2, 1]``; ``""`` or garbage -> ``[]``."""
+    counts: list[int] = []
+    for part in filter(None, value.split(",")):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``node[003-005,007],gpu1`` -> ``node003``."""
+    """First host of a SLURM node list: ``node[003-005,007],gpu1`` -> ``node003``,
+    ``rack[1-2]-gpu[01-08]`` -> ``rack1-gpu01`` (what ``scontrol show hostnames | head -1`` prints)."""
     if not nodelist:
         return "127.0.0.1"
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
-        return nodelist
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    depth, first = 0, nodelist
+    for i, ch in enumerate(nodelist):  # the first top-level comma ends the first host expression
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            first = nodelist[:i]
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def _slurm_port(e: Mapping[str, str]) -> int:
