@@ -171,8 +171,29 @@ def _hydra_entry(cfg: DictConfig) -> None:
     try:
         train(cfg, run_dir)
     except ConfigError as exc:
+        _record_error(exc)
         print(f"disttrain: config error (rank {_rank()}): {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG_ERROR)
+    except Exception as exc:
+        # Hydra catches exceptions itself (prints them and exits 1), so torch's @record around
+        # the app never sees one: write torchrun's error file here, so its failure summary names
+        # this rank and shows the traceback. Then let Hydra report and exit non-zero as usual.
+        _record_error(exc)
+        raise
+
+
+def _record_error(exc: BaseException) -> None:
+    """Write ``exc`` with its traceback to torchrun's per-rank error file (no-op outside torchrun)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        handler = get_error_handler()
+        handler.initialize()
+        handler.record_exception(exc)
+    except Exception as err:  # never mask the real failure
+        print(f"disttrain: could not write torchrun's error file: {err}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
@@ -151,7 +152,7 @@ class Session:
             )
         if shuffle is None:
             shuffle = isinstance(loader.sampler, RandomSampler)
-        sampler = DistributedSampler(
+        sampler = _ResumableSampler(
             loader.dataset, num_replicas=count, rank=index, shuffle=shuffle, seed=seed, drop_last=loader.drop_last
         )
         new = DataLoader(
@@ -163,8 +164,11 @@ class Session:
             pin_memory=loader.pin_memory,
             drop_last=loader.drop_last,
             persistent_workers=loader.persistent_workers if loader.num_workers else False,
+            # its own generator: creating an iterator then draws nothing from the global RNG, so
+            # a resumed run's random stream (dropout, ...) matches an uninterrupted one
+            generator=torch.Generator(),
         )
-        return ShardedLoader(new, sampler)
+        return ShardedLoader(new, sampler, seed=seed)
 
     # ------------------------------------------------------------------ step (plug-in face)
     @property
@@ -260,18 +264,58 @@ class Session:
         ``path`` atomically. Call on every rank; the strategy decides who writes. With
         ``keep_last``, older checkpoints in the same directory beyond that many are removed."""
         path = Path(path)
-        model = self._require_model()
-        state = {**self.strategy.state_dict(model, self._optimizer), "extra": extra}
+        extra = {**extra, "rng": self._gather_rng(), "meta": self.checkpoint_meta()}
+        state = {**self.strategy.state_dict(self._require_model(), self._optimizer), "extra": extra}
         if self.strategy.writes_checkpoint():
             ckpt.save(state, path.parent, path.name, keep_last=keep_last)
         self.barrier()
         return path
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Load what ``save`` wrote into the prepared model and optimizer; returns ``extra``."""
+    def load(self, path: str | os.PathLike, restore_rng: bool = True) -> dict[str, Any]:
+        """Load what ``save`` wrote into the prepared model and optimizer; returns ``extra``.
+        Each rank gets back its own random states (Python, NumPy, torch) as they were at the
+        save, so the run continues exactly. A rank the checkpoint has no state for (the world
+        grew) takes the state of rank ``rank % saved_ranks``."""
         state = ckpt.load(Path(path))
         self.strategy.load_state_dict(self._require_model(), self._optimizer, state)
-        return state.get("extra", {})
+        extra = state.get("extra", {})
+        rng = extra.get("rng") or {}
+        if restore_rng and rng:
+            ranks = sorted(rng)
+            ckpt.restore_rng(rng.get(self.rank, rng[ranks[self.rank % len(ranks)]]))
+        return extra
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The run's layout, saved with every checkpoint and checked by ``Strategy.check_resume``."""
+        return {
+            "format": 2,
+            "strategy": self.strategy.name,
+            "world_size": self.world_size,
+            "data_parallel_size": self.data_shard[1],
+            **self.strategy.checkpoint_meta(),
+        }
+
+    def _gather_rng(self) -> dict[int, Any]:
+        """Every checkpointing rank's random states, keyed by global rank (collective over the
+        strategy's ``reduce_group``: the ranks that call ``save`` together)."""
+        mine = ckpt.capture_rng()
+        if not dist.is_initialized():
+            return {self.rank: mine}
+        group = self.strategy.reduce_group()
+        if dist.get_rank(group) < 0:  # this rank does not take part (e.g. a server rank)
+            return {self.rank: mine}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (self.rank, mine), group=group)
+        return {int(r): state for r, state in gathered}
+
+    @contextlib.contextmanager
+    def join(self) -> Iterator[None]:
+        """Wrap a loop in which ranks may take different numbers of steps (uneven inputs: a
+        user's own sampler, sharded files of different sizes, iterable data). Ranks that run out
+        early shadow the others' collectives instead of hanging them; at the end every rank holds
+        the same parameters. See ``Strategy.join``."""
+        with self.strategy.join(self._require_model()):
+            yield
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.strategy.unwrap(model)
@@ -305,18 +349,29 @@ class ShardedLoader:
     """A DataLoader over this rank's shard that calls ``sampler.set_epoch`` on every new epoch,
     so each epoch is shuffled differently and identically on every rank."""
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler) -> None:
+    def __init__(self, loader: DataLoader, sampler: DistributedSampler, seed: int = 0) -> None:
         self.loader, self.sampler = loader, sampler
+        self.seed = seed
         self.epoch = 0
-        self.skip = 0  # batches to skip at the start of the next epoch (exact resume)
+        self.skip = 0  # batches of this rank to skip at the start of the next epoch (exact resume)
 
     def __iter__(self) -> Iterator[Any]:
+        """One epoch. ``skip`` batches are skipped in the sampler (their samples are never
+        loaded); the loader's generator is reseeded per epoch, so worker seeds are the same
+        whether the epoch was started fresh or resumed."""
         self.sampler.set_epoch(self.epoch)
-        it = iter(self.loader)
-        for _ in range(self.skip):
-            next(it)
+        if isinstance(self.sampler, _ResumableSampler):
+            self.sampler.start = self.skip * (self.loader.batch_size or 1)
+            skip = 0
+        else:
+            skip = self.skip
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.skip = 0
         self.epoch += 1
+        it = iter(self.loader)
+        for _ in range(skip):
+            next(it)
         yield from it
 
     def __len__(self) -> int:
@@ -329,6 +384,23 @@ class ShardedLoader:
     @property
     def dataset(self) -> Any:
         return self.loader.dataset
+
+
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: ``start`` indices of this rank's
+    share are dropped (once, for the next epoch). Which samples form global batch ``k`` of an
+    epoch does not depend on the number of replicas (positions ``k*B .. (k+1)*B-1`` of the
+    epoch's permutation, dealt round-robin), so a position saved at one world size maps exactly
+    to another: ``start = samples_done / num_replicas``."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        start, self.start = self.start, 0
+        it = super().__iter__()
+        for _ in range(start):
+            next(it, None)
+        return it
 
 
 class _SessionOptimizer(torch.optim.Optimizer):

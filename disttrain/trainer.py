@@ -17,7 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import torch.distributed as dist
+
 from disttrain import checkpoint as ckpt
+from disttrain import faults, fingerprint
 from disttrain.errors import ConfigError, NonFiniteLossError
 from disttrain.observe import RunLogger
 from disttrain.session import Session, ShardedLoader
@@ -102,6 +105,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.batch_size = batch_size
+        # before any collective of the strategy's own: a rank with another model or config
+        # stops every rank here with the differing entry named, instead of hanging later
+        fingerprint.verify(session, model, hparams)
         self.model, self.optimizer = session.prepare_model(model, optimizer)
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
         loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
@@ -196,6 +202,7 @@ class Trainer:
                         f"optimizer.lr, set trainer.grad_clip, or check the data for NaN/inf"
                     )
                 self.logger.loss(self.step, local)
+                faults.inject("step", s.rank, self.step)
                 samples_window += self.batch_size * cfg.gradient_accumulation_steps
                 if bar is not None:
                     bar.update(1)
@@ -232,6 +239,7 @@ class Trainer:
         it = iter(self.train_loader)
         for _ in range(steps_per_epoch - self.batch_in_epoch):
             with self.s.timer.phase("data"):
+                faults.inject("data", self.s.rank, self.step + 1)
                 group = [next(it) for _ in range(accum)]
             yield group
 
@@ -325,27 +333,40 @@ class Trainer:
         return tqdm(total=None if math.isinf(total) else int(total), unit="step", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def _samples_per_step(self) -> int:
+        """Samples of the epoch consumed by one optimizer step, over all data-parallel ranks."""
+        return self.batch_size * self.cfg.gradient_accumulation_steps
+
     def checkpoint_state(self) -> dict[str, Any]:
+        """The Trainer's part of a checkpoint (the Session adds model, optimizer, strategy state,
+        every rank's RNG states and the run's layout). The data position is kept in samples of
+        the epoch, so it maps onto any world size with the same global batch."""
+        history = self.logger.history
         return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "samples_in_epoch": self.batch_in_epoch * self._samples_per_step,
+            "global_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+            "dataset_size": len(self.train_loader.dataset),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng_cpu": torch.get_rng_state(),
+            # rank 0's per-step losses so far: a resumed run's history (plot, checks) is whole
+            "loss_history": torch.tensor(history, dtype=torch.float64) if history else None,
         }
 
     def save_checkpoint(self) -> None:
         if self.ckpt_dir is None:
             return
+        faults.inject("save", self.s.rank, self.step)
         self.s.save(self.ckpt_dir / f"step_{self.step:08d}.pt", keep_last=self.cfg.checkpoint_keep_last, **self.checkpoint_state())
 
-    def _resume(self) -> None:
-        where = self.cfg.resume
-        if not where:
-            return
+    def _find_checkpoint(self, where: str) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint ``trainer.resume`` names on this rank, loaded (so known complete)."""
         if where == "auto":
-            if self.ckpt_dir is None:
-                return
+            if self.ckpt_dir is None or not self.ckpt_dir.is_dir():
+                return None
             path = self.ckpt_dir
         else:
             path = Path(where)
@@ -353,18 +374,85 @@ class Trainer:
                 raise ConfigError(f"trainer.resume={where!r}: no such file or directory (use auto, a .pt file or a checkpoint directory)")
         if path.is_dir():
             found = ckpt.find_latest(path if path.name == "checkpoints" or not (path / "checkpoints").is_dir() else path / "checkpoints")
-            if found is None:
-                if where != "auto":
-                    raise ConfigError(f"trainer.resume={where!r}: no complete checkpoint in that directory")
-                log.info("resume=auto: no checkpoint yet in %s, starting fresh", path)
-                return
-            path = found[0]
-        extra = self.s.load(path)
-        self.step, self.epoch, self.batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+            if found is None and where != "auto":
+                raise ConfigError(f"trainer.resume={where!r}: no complete checkpoint in that directory")
+            return found
+        try:
+            return path, ckpt.load(path)
+        except Exception as exc:
+            raise ConfigError(
+                f"trainer.resume={where!r}: the checkpoint does not load ({ckpt.describe_load_error(exc)}). "
+                f"Resume from another checkpoint (trainer.resume=auto picks the newest that loads) or set trainer.resume=null"
+            ) from exc
+
+    def _agree_on_checkpoint(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        """Every rank must resume from the same checkpoint; a rank that sees another one (no
+        shared filesystem, a file that loads on one node only) stops every rank alike."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        mine = None if found is None else (found[0].name, int(found[1].get("extra", {}).get("step", -1)))
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, mine)
+        if len({repr(x) for x in seen}) > 1:
+            listing = ", ".join(f"rank {r}: {x[0] if x else 'none'}" for r, x in enumerate(seen))
+            raise ConfigError(
+                f"trainer.resume={self.cfg.resume!r}: ranks found different checkpoints ({listing}). Put the run "
+                f"directory on a filesystem every node shares, or pass the same checkpoint file to every rank"
+            )
+
+    def _resume(self) -> None:
+        where = self.cfg.resume
+        if not where:
+            return
+        found = self._find_checkpoint(str(where))
+        self._agree_on_checkpoint(found)
+        if found is None:
+            log.info("resume=auto: no checkpoint yet in %s, starting fresh", self.ckpt_dir)
+            return
+        path, state = found
+        saved = state.get("extra", {})
+        meta = saved.get("meta") or {}
+        self.s.strategy.check_resume(meta)  # ConfigError on every rank if the layout cannot load
+        samples = int(saved.get("samples_in_epoch", int(saved.get("batch_in_epoch", 0)) * self._samples_per_step))
+        if samples % self._samples_per_step:
+            raise ConfigError(
+                f"trainer.resume: checkpoint {path} stopped {samples} samples into epoch {saved.get('epoch')}, which is "
+                f"not a whole number of steps of data.batch_size={self.batch_size} x gradient_accumulation_steps="
+                f"{self.cfg.gradient_accumulation_steps}: resume with data.batch_size={saved.get('global_batch_size')} "
+                f"and trainer.gradient_accumulation_steps={saved.get('gradient_accumulation_steps')}"
+            )
+        size = saved.get("dataset_size")
+        if size is not None and int(size) != len(self.train_loader.dataset):
+            raise ConfigError(
+                f"trainer.resume: checkpoint {path} was trained on {size} samples per epoch, this run has "
+                f"{len(self.train_loader.dataset)}: resume with the same data config, or start fresh (trainer.resume=null)"
+            )
+        del state
+        try:
+            extra = self.s.load(path)
+        except ConfigError:
+            raise
+        except Exception as exc:  # every rank loads the same file, so every rank fails alike
+            raise ConfigError(
+                f"trainer.resume: checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc)[:300]}). "
+                f"Resume with the model and optimizer config it was saved with, or start fresh (trainer.resume=null)"
+            ) from exc
+        self.step, self.epoch = int(extra["step"]), int(extra["epoch"])
+        self.batch_in_epoch = samples // self._samples_per_step
         if self.scheduler is not None and extra.get("scheduler") is not None:
             self.scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("rng_cpu") is not None:
+        if extra.get("rng_cpu") is not None and not extra.get("rng"):  # checkpoints of format 1
             torch.set_rng_state(extra["rng_cpu"])
+        history = extra.get("loss_history")
+        if self.logger.enabled and history is not None:
+            self.logger.history = [(int(st), float(v)) for st, v in history.tolist() if st <= self.step]
+        saved_dp = int(meta.get("data_parallel_size", self.s.data_shard[1]))
+        if saved_dp != self.s.data_shard[1]:
+            log.warning(
+                "resuming at data-parallel size %d from a checkpoint saved at %d: the data position (%d samples "
+                "into epoch %d) maps to step %d of the epoch; no sample of the epoch is skipped or repeated",
+                self.s.data_shard[1], saved_dp, samples, self.epoch, self.batch_in_epoch,
+            )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
 

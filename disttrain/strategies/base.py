@@ -217,6 +217,15 @@ class Strategy:
         return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
 
     # ------------------------------------------------------------------ checkpoints
+    # A checkpoint must let a restarted job continue exactly. The Session saves, besides what
+    # these hooks return: every rank's RNG states, the Trainer's position (step, epoch, samples
+    # of the epoch done, scheduler) and ``Session.checkpoint_meta()``. A strategy puts in
+    # ``state_dict`` everything else it needs: the whole model and optimizer as seen by the
+    # writer (gather shards held by other ranks here: ``state_dict`` is called on every rank
+    # that calls ``Session.save``, so it may be collective over ``reduce_group``), plus its own
+    # counters (e.g. a server's version clock, a pipeline's schedule position) under its own
+    # keys. ``load_state_dict`` gets the same dict back on every rank, after ``check_resume``
+    # accepted the layout, and restores what belongs to this rank.
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Everything of model and optimizer needed to continue, as rank 0 will write it."""
         return {
@@ -230,6 +239,44 @@ class Strategy:
         self.unwrap(model).load_state_dict(state["model"])
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Facts about this strategy's layout saved with each checkpoint (besides the world and
+        data-parallel sizes the Session records), for ``check_resume`` to compare on load, e.g.
+        ``{"num_servers": 2}`` or ``{"stages": 4}``. Plain numbers and strings only."""
+        return {}
+
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        """Raise ConfigError if a checkpoint saved with ``meta`` (``Session.checkpoint_meta()``
+        of the saving run: ``world_size``, ``data_parallel_size``, ``strategy`` and this hook's
+        partner ``checkpoint_meta``) cannot be loaded by this run. Called on every rank before
+        any state is loaded, so a mismatch fails everywhere alike. The default accepts any
+        world size: ``state_dict`` holds the whole model and optimizer, and the data position
+        is remapped by the Trainer. Strategies with sharded state override this."""
+
+    def replica_key(self, env: "DistEnv") -> str:
+        """Ranks that return the same key build identical models (``build_model``); the
+        pre-training fingerprint check compares models only among them. Data parallel: every
+        rank alike. A strategy whose ranks hold different parts (pipeline stages) returns the
+        part's name."""
+        return ""
+
+    def join(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context manager for loops in which ranks take different numbers of steps (uneven
+        inputs). Default: torch's ``Join`` when the wrapped model supports it (DDP: ranks that
+        finished shadow the others' allreduces, then the last rank to finish broadcasts its
+        parameters), a no-op for one process. Strategies that cannot train on uneven inputs
+        raise ConfigError here."""
+        from torch.distributed.algorithms import Join, Joinable
+
+        if not dist.is_initialized() or dist.get_world_size(self.reduce_group()) == 1:
+            return contextlib.nullcontext()
+        if isinstance(model, Joinable):
+            return Join([model])
+        raise ConfigError(
+            f"strategy {self.name} cannot train on uneven inputs (ranks with different numbers of "
+            f"batches): give every rank the same number of batches, e.g. ds.prepare(loader) with drop_last=True"
+        )
 
     def writes_checkpoint(self) -> bool:
         """Whether this rank writes the checkpoint file (rank 0 for data parallelism)."""
