@@ -629,7 +629,7 @@ class ModelParallelStrategy(Strategy):
         ranks return their own stage in the same layout."""
         if not self.multi:
             return super().state_dict(model, optimizer)
-        local_model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        local_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         local_opt = _to_cpu(optimizer.state_dict()) if optimizer is not None else None
         mine = (self.stage_index, local_model, local_opt)
         gathered: list[Any] | None = [None] * dist.get_world_size() if self.env.is_rank_zero else None
@@ -703,7 +703,7 @@ def _move(x: Any, dev: torch.device) -> Any:
 
 def _to_cpu(x: Any) -> Any:
     if torch.is_tensor(x):
-        return x.detach().cpu()
+        return x.detach().cpu().clone()
     if isinstance(x, dict):
         return {k: _to_cpu(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
