@@ -1,0 +1,213 @@
+"""strategy=parameter_server: exact oracles at s = 0, the staleness bound under a straggler, sharding,
+a real torchrun on digits, and config errors that fail fast on every rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from disttrain.env import DistEnv
+from disttrain.errors import ConfigError
+from disttrain.strategies.parameter_server import ParameterServerStrategy, shard_by_bytes
+from tests.distributed import run_distributed, run_torchrun
+
+TARGET = "disttrain.strategies.parameter_server.ParameterServerStrategy"
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _data():
+    from disttrain.data import synthetic_regression
+
+    return synthetic_regression(num_samples=256, in_features=8, seed=0)
+
+
+def _optimizer(name: str, params):
+    return torch.optim.SGD(params, lr=0.05) if name == "sgd" else torch.optim.Adam(params, lr=0.01)
+
+
+def _train_ps(num_servers: int, staleness, steps: int, opt: str, batch: int, slowdown=None) -> dict:
+    """One rank of a parameter-server run through the Trainer (the same code as strategy=ddp)."""
+    from disttrain.session import Session
+    from disttrain.trainer import Trainer, TrainerConfig
+
+    s = Session({"_target_": TARGET, "num_servers": num_servers, "max_staleness": staleness, "log_every_n_updates": 5},
+                seed=0)
+    model = _model()
+    optimizer = _optimizer(opt, model.parameters())
+    train, _ = _data()
+    cfg = TrainerConfig(max_epochs=100, max_steps=steps, log_every_n_steps=4, progress_bar=False, slowdown=slowdown)
+    trainer = Trainer(s, model, optimizer, nn.MSELoss(), train, batch_size=batch, config=cfg)
+    summary = trainer.fit()
+    st = s.strategy
+    return {
+        "rank": s.rank,
+        "server": st.is_server,
+        "params": {k: v.detach().clone() for k, v in s.unwrap(trainer.model).state_dict().items()},
+        "staleness": list(st.staleness_log),
+        "updates": st.updates,
+        "shards": st.shards,
+        "steps": trainer.step,
+        "summary": summary,
+    }
+
+
+def _oracle(workers: int, steps: int, opt: str, batch: int) -> dict[str, torch.Tensor]:
+    """Single-process training on the global batch each step: the union of the workers' shards
+    (equal sizes, so the mean of their mean gradients is the global-batch gradient)."""
+    model = _model()
+    optimizer = _optimizer(opt, model.parameters())
+    train, _ = _data()
+    loaders = []
+    for r in range(workers):
+        sampler = DistributedSampler(train, num_replicas=workers, rank=r, shuffle=True, seed=0, drop_last=True)
+        loaders.append((sampler, DataLoader(train, batch_size=batch // workers, sampler=sampler, drop_last=True)))
+    done, epoch = 0, 0
+    while done < steps:
+        for sampler, _ in loaders:
+            sampler.set_epoch(epoch)
+        for parts in zip(*(iter(dl) for _, dl in loaders)):
+            x = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts])
+            optimizer.zero_grad()
+            nn.MSELoss()(model(x), y).backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------- exact oracles (s = 0)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_one_server_one_worker_equals_single_process(opt):
+    steps = 12
+    results = run_distributed(_train_ps, 2, 1, 0, steps, opt, 32, timeout=150)
+    oracle = _oracle(1, steps, opt, 32)
+    for r in results:  # the server's copy and the worker's (after finish_training) alike
+        _assert_close(r["params"], oracle, atol=1e-6)
+    server = results[0]
+    assert server["server"] and server["updates"] == steps
+    assert all(st == 0 for *_, st in server["staleness"])
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_synchronous_has_zero_staleness_and_equals_global_batch():
+    steps = 10
+    results = run_distributed(_train_ps, 3, 1, 0, steps, "sgd", 32, timeout=150)
+    server = results[0]
+    # every worker's gradient of every step applied, each with staleness 0 per the server's record
+    assert len(server["staleness"]) == 2 * steps
+    assert all(st == 0 for *_, st in server["staleness"])
+    assert sorted((w, c) for w, c, _ in server["staleness"]) == sorted((w, c) for w in (1, 2) for c in range(1, steps + 1))
+    for r in results[1:]:
+        for k in r["params"]:
+            assert torch.equal(r["params"][k], server["params"][k]), k
+    _assert_close(server["params"], _oracle(2, steps, "sgd", 32), atol=1e-5)
+    assert all(r["steps"] == steps for r in results)  # the Trainer's step reaches servers too
+
+
+# ---------------------------------------------------------------------- bounded staleness
+@pytest.mark.timeout(240)
+def test_staleness_bound_is_enforced_with_a_straggler():
+    steps = 30
+    slow = {"rank": 2, "factor": 4.0}
+    bounded = run_distributed(_train_ps, 3, 1, 2, steps, "sgd", 16, slow, timeout=200)
+    stale = [st for *_, st in bounded[0]["staleness"]]
+    assert len(stale) == 2 * steps
+    assert max(stale) <= 2
+    # the worker clocks never drift further apart than the bound: at each application the
+    # pushing worker's clock is within s+1 of every other worker's (checked on the server record)
+    free = run_distributed(_train_ps, 3, 1, None, steps, "sgd", 16, slow, timeout=200)
+    stale_free = [st for *_, st in free[0]["staleness"]]
+    assert len(stale_free) == 2 * steps
+    assert max(stale_free) > 0
+    # same final weights on every rank after finish_training, in both runs
+    for res in (bounded, free):
+        for r in res[1:]:
+            for k in r["params"]:
+                assert torch.equal(r["params"][k], res[0]["params"][k])
+
+
+# ---------------------------------------------------------------------- sharding
+def test_shard_by_bytes_is_a_balanced_partition():
+    sizes = [4096, 64, 2048, 64, 1024, 16, 1024]
+    shards = shard_by_bytes(sizes, 2)
+    assert sorted(i for s in shards for i in s) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(sizes)  # greedy bound
+    assert all(s == sorted(s) for s in shards)
+    assert shard_by_bytes([8], 3) == [[0], [], []]
+
+
+@pytest.mark.timeout(180)
+def test_two_servers_split_and_reassemble_exactly():
+    steps = 8
+    results = run_distributed(_train_ps, 3, 2, 0, steps, "adam", 32, timeout=150)
+    shards = results[0]["shards"]
+    names = list(_model().state_dict().keys())
+    assert all(shards) and sorted(i for s in shards for i in s) == list(range(len(names)))
+    for r in results:
+        _assert_close(r["params"], _oracle(1, steps, "adam", 32), atol=1e-6)
+    assert results[0]["updates"] == results[1]["updates"] == steps
+
+
+# ---------------------------------------------------------------------- config errors
+@pytest.mark.parametrize(
+    "options, world, needle",
+    [
+        ({"num_servers": 2}, 2, "num_servers=2"),
+        ({"num_servers": 1}, 1, "no worker"),
+        ({"num_servers": 0}, 3, "num_servers=0"),
+        ({"max_staleness": -1}, 3, "max_staleness=-1"),
+        ({"max_staleness": 1.5}, 3, "max_staleness=1.5"),
+    ],
+)
+def test_validate_rejects_bad_options(options, world, needle):
+    st = ParameterServerStrategy(**options)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        st.validate(DistEnv(rank=0, world_size=world, local_world_size=world))
+
+
+@pytest.mark.timeout(120)
+def test_bad_config_fails_fast_on_every_rank(tmp_path):
+    out = run_torchrun(
+        ["strategy=parameter_server", "strategy.num_servers=2", "data=synthetic", "model=linear", f"hydra.run.dir={tmp_path}"],
+        nproc=2, timeout=100,
+    )
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert f"config error (rank {rank})" in out.stdout, out.stdout[-3000:]
+    assert "num_servers=2" in out.stdout and "--nproc_per_node=3" in out.stdout
+
+
+# ---------------------------------------------------------------------- real launch
+@pytest.mark.timeout(300)
+def test_digits_one_server_two_async_workers_torchrun(tmp_path):
+    out = run_torchrun(
+        ["strategy=parameter_server", "strategy.max_staleness=null", "trainer.max_epochs=12",
+         "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}"],
+        nproc=3, timeout=280,
+    )
+    assert out.returncode == 0, out.stdout[-4000:]
+    summary = json.loads(Path(tmp_path, "summary.json").read_text())
+    assert summary["eval_accuracy"] >= 0.93, summary
+    assert "ps_staleness_hist" in summary and summary["ps_worker_samples_per_sec"]
+    assert list(Path(tmp_path, "checkpoints").glob("step_*.pt"))
+    assert list(Path(tmp_path, "tensorboard").iterdir())
