@@ -11,6 +11,7 @@ The Trainer is built on the same object. Nothing here asks which strategy it hol
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -79,6 +80,7 @@ class Session:
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._closed = False
+        atexit.register(self.close)  # the plug-in face may never call close(): end cleanly anyway
 
     # ------------------------------------------------------------------ facts
     @property
@@ -265,9 +267,7 @@ class Session:
         ``keep_last``, older checkpoints in the same directory beyond that many are removed."""
         path = Path(path)
         extra = {**extra, "rng": self._gather_rng(), "meta": self.checkpoint_meta()}
-        state = {**self.strategy.state_dict(self._require_model(), self._optimizer), "extra": extra}
-        if self.strategy.writes_checkpoint():
-            ckpt.save(state, path.parent, path.name, keep_last=keep_last)
+        self.strategy.save_checkpoint(self._require_model(), self._optimizer, path, extra, keep_last=keep_last)
         self.barrier()
         return path
 
@@ -276,9 +276,7 @@ class Session:
         Each rank gets back its own random states (Python, NumPy, torch) as they were at the
         save, so the run continues exactly. A rank the checkpoint has no state for (the world
         grew) takes the state of rank ``rank % saved_ranks``."""
-        state = ckpt.load(Path(path))
-        self.strategy.load_state_dict(self._require_model(), self._optimizer, state)
-        extra = state.get("extra", {})
+        extra = self.strategy.load_checkpoint(self._require_model(), self._optimizer, Path(path))
         rng = extra.get("rng") or {}
         if restore_rng and rng:
             ranks = sorted(rng)
@@ -327,6 +325,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         self._model = self._optimizer = None
         try:
             self.strategy.teardown()

@@ -7,6 +7,7 @@ gathered batch (tests/test_ddp_oracle.py).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class DDPStrategy(Strategy):
             forward_sync_buffers=forward_sync_buffers,
         )
         self.compression = compression
+        self._wrapped: list[weakref.ref[DistributedDataParallel]] = []
 
     def validate(self, env: DistEnv) -> None:
         require(
@@ -65,7 +67,19 @@ class DDPStrategy(Strategy):
 
             hook = default_hooks.fp16_compress_hook if self.compression == "fp16" else default_hooks.bf16_compress_hook
             ddp.register_comm_hook(state=None, hook=hook)
+        self._wrapped.append(weakref.ref(ddp))
         return ddp, optimizer
+
+    def teardown(self) -> None:
+        """Drop each DDP module's reducer (which holds the process group), so the group really
+        ends when the Session destroys it, even if the user still holds the model. A group kept
+        alive into interpreter shutdown is what lets gloo's thread abort the process at exit."""
+        for ref in self._wrapped:
+            ddp = ref()
+            if ddp is not None and hasattr(ddp, "reducer"):
+                del ddp.reducer
+                ddp.process_group = None
+        self._wrapped.clear()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
