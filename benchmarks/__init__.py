@@ -1,0 +1,1 @@
+"""disttrain's benchmarks: ``python -m benchmarks`` (scaling, overhead, collectives, batch size)."""
