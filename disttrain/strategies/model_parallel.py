@@ -670,6 +670,20 @@ class ModelParallelStrategy(Strategy):
             )
         optimizer.load_state_dict(opt["pipeline_stages"][str(self.stage_index)])
 
+    def replica_key(self, env: DistEnv) -> str:
+        return f"pipeline stage {self.stage_index}" if self.multi else ""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"pipeline_placement": repr(self.resolved)} if self.multi else {}
+
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        saved = meta.get("pipeline_placement")
+        if self.multi and saved is not None and saved != repr(self.resolved):
+            raise ConfigError(
+                f"the checkpoint was written by a pipeline with stages {saved}, this run has {self.resolved}: resume "
+                f"with the same strategy.placement (the weights alone load under any placement through strategy=single)"
+            )
+
     def describe(self) -> dict[str, Any]:
         return {
             "strategy": self.name, "schedule": self.schedule, "microbatches": self.microbatches,
