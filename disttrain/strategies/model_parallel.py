@@ -95,12 +95,11 @@ class _SavedBytes:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key not in self.params and key not in self.seen:
+            key = (t.data_ptr(), t.numel())  # a view of a larger batch counts its own elements only
+            if t.untyped_storage().data_ptr() not in self.params and key not in self.seen:
                 self.seen.add(key)
                 s = self.stage()
-                self.per_stage[s] = self.per_stage.get(s, 0) + st.nbytes()
+                self.per_stage[s] = self.per_stage.get(s, 0) + t.numel() * t.element_size()
         except (RuntimeError, NotImplementedError):
             pass
         return t
