@@ -171,7 +171,7 @@ def emit_slurm() -> str:
 NPROC="${{NPROC:-${{SLURM_GPUS_ON_NODE:-1}}}}"
 RDZV_PORT="${{RDZV_PORT:-{DEFAULT_RDZV_PORT}}}"
 MAX_RESTARTS="${{MAX_RESTARTS:-3}}"
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"  # sed reads all: no SIGPIPE
 export DISTTRAIN_RUN_ID="${{DISTTRAIN_RUN_ID:-slurm-$SLURM_JOB_ID}}"
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-1}}"
 echo "disttrain: $SLURM_JOB_NUM_NODES nodes x $NPROC processes, rendezvous $head_node:$RDZV_PORT"
