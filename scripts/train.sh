@@ -7,4 +7,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh" dev
 cd "$ROOT"
-exec torchrun --standalone --nproc_per_node="${NPROC:-2}" -m disttrain experiment=digits_ddp "$@"
+# torchrun --standalone --nproc-per-node=$NPROC -m disttrain ..., built by disttrain/launch.py (as launchers/ are)
+exec python -m disttrain.launch --nproc "${NPROC:-2}" experiment=digits_ddp "$@"
