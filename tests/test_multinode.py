@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,13 @@ def _netns_usable() -> str | None:
 @contextlib.contextmanager
 def two_nodes():
     """Yield two Nodes: network namespaces joined by a veth pair, or loopback twice."""
-    why_not = None if os.environ.get("DISTTRAIN_TEST_NO_NETNS") else _netns_usable()
     if os.environ.get("DISTTRAIN_TEST_NO_NETNS"):
-        why_not = "DISTTRAIN_TEST_NO_NETNS is set"
+        why_not: str | None = "DISTTRAIN_TEST_NO_NETNS is set"
+    else:
+        why_not = _netns_usable()
     if why_not is not None:
         print(f"two nodes on loopback ({why_not})")
+        warnings.warn(f"test_multinode: both nodes on loopback, no network namespaces: {why_not}", stacklevel=2)
         yield [Node([], "127.0.0.1", None), Node([], "127.0.0.1", None)], why_not
         return
     tag = uuid.uuid4().hex[:6]
