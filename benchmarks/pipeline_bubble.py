@@ -27,13 +27,50 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _model(width: int, layers: int):
+def _model(width: int, layers: int, compute: str = "matmul", sleep_ms_per_sample: float = 0.05):
+    """``layers`` x (Linear + Tanh), or with ``compute="sleep"`` x (Linear + a layer that holds
+    the stage for a time proportional to the micro-batch, 2x as long backward): a stage whose
+    work does not need the host CPU, as a GPU's does not. That isolates the schedule and the
+    messages from CPU contention on a shared machine (labelled as such in the results)."""
     from torch import nn
 
-    mods = []
+    mods: list = []
     for _ in range(layers):
-        mods += [nn.Linear(width, width), nn.Tanh()]
+        mods += [nn.Linear(width, width), _SleepLayer(sleep_ms_per_sample) if compute == "sleep" else nn.Tanh()]
     return nn.Sequential(*mods)
+
+
+def _sleep_fn():
+    import torch
+
+    class Sleep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, ms):
+            ctx.ms = ms * x.shape[0]
+            time.sleep(ctx.ms / 1e3)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(2 * ctx.ms / 1e3)
+            return g, None
+
+    return Sleep
+
+
+class _SleepLayer:  # made an nn.Module lazily (torch is imported in the workers only)
+    def __new__(cls, ms: float):
+        from torch import nn
+
+        class SleepLayer(nn.Module):
+            def __init__(self, ms: float) -> None:
+                super().__init__()
+                self.ms = ms
+
+            def forward(self, x):
+                return _sleep_fn().apply(x, self.ms)
+
+        return SleepLayer(ms)
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
@@ -55,31 +92,39 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch"], cfg["width"], generator=g)
     y = torch.randn(cfg["batch"], cfg["width"], generator=g)
-    results = []
+    runs = {}
     for m in cfg["microbatches"]:
         st = ModelParallelStrategy(placement=placement, microbatches=m, schedule=cfg["schedule"], report=False)
         st.validate(env)
         st.setup(env, device, "nccl" if use_cuda else "gloo", 120)
         torch.manual_seed(0)
-        model = st.build_model(lambda: _model(cfg["width"], cfg["layers_per_stage"] * world))
+        model = st.build_model(
+            lambda: _model(cfg["width"], cfg["layers_per_stage"] * world, cfg["compute"], cfg["sleep_ms_per_sample"])
+        )
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        timer = StepTimer(device)
-        for _ in range(cfg["warmup"]):
-            st.train_step(model, opt, [(x, y)], nn.MSELoss(), None, timer)
-        st._run_totals = st._new_window()
-        steps = []
-        for _ in range(cfg["steps"]):
+        runs[m] = (st, model, opt, {"step": [], "bubble": [], "busy": []})
+    timer = StepTimer(device)
+    # interleaved rounds (every M once per round), so a change in machine load hits every M alike;
+    # per-step figures, medians reported (robust to a step slowed by another process)
+    for rnd in range(cfg["warmup"] + cfg["steps"]):
+        for m, (st, model, opt, rec) in runs.items():
             t0 = time.perf_counter()
             st.train_step(model, opt, [(x, y)], nn.MSELoss(), None, timer)
-            steps.append(time.perf_counter() - t0)
-        w = st._run_totals
+            dt = time.perf_counter() - t0
+            metrics = st.log_metrics()  # this step's window
+            if rnd >= cfg["warmup"]:
+                rec["step"].append(dt)
+                rec["bubble"].append(metrics["pipeline/bubble_fraction"])
+                rec["busy"].append([metrics[f"pipeline/stage{k}_busy_ms"] for k in range(world)])
+    results = []
+    for m, (st, model, opt, rec) in runs.items():
         results.append({
             "microbatches": m,
-            "bubble_measured": st.bubble_fraction(),
-            "step_ms_median": 1e3 * statistics.median(steps),
-            "step_ms_all": [1e3 * s for s in steps],
-            "pipeline_ms_mean": 1e3 * w["span"] / w["steps"],
-            "stage_busy_ms": [1e3 * w["busy"][k] / w["steps"] for k in sorted(w["busy"])],
+            "bubble_measured": statistics.median(rec["bubble"]),
+            "bubble_all": rec["bubble"],
+            "step_ms_median": 1e3 * statistics.median(rec["step"]),
+            "step_ms_all": [1e3 * v for v in rec["step"]],
+            "stage_busy_ms_median": [statistics.median(b[k] for b in rec["busy"]) for k in range(world)],
         })
     destroy_process_group()
     if rank == 0:
@@ -93,11 +138,13 @@ def run(
     batch: int = 256,
     width: int = 512,
     layers_per_stage: int = 4,
-    steps: int = 6,
+    steps: int = 10,
     warmup: int = 2,
     schedule: str = "gpipe",
     device: str = "cpu",
     threads: int = 1,
+    compute: str = "matmul",
+    sleep_ms_per_sample: float = 0.05,
     timeout_s: float = 900,
     write: bool = True,
 ) -> dict[str, Any]:
@@ -108,7 +155,8 @@ def run(
     import torch.multiprocessing as mp
 
     cfg = dict(microbatches=list(microbatches), batch=batch, width=width, layers_per_stage=layers_per_stage,
-               steps=steps, warmup=warmup, schedule=schedule, device=device, threads=threads)
+               steps=steps, warmup=warmup, schedule=schedule, device=device, threads=threads,
+               compute=compute, sleep_ms_per_sample=sleep_ms_per_sample)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -154,11 +202,13 @@ def run(
 
 def _write(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline_bubble.json").write_text(json.dumps(result, indent=2))
     c = result["config"]
+    stem = "pipeline_bubble" + ("_sleep" if c["compute"] == "sleep" else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# Pipeline bubble (K={c['stages']} stages, {c['schedule']}, {c['device']}, batch {c['batch']}, "
-        f"width {c['width']}, {c['layers_per_stage']} layers/stage, {c['steps']} steps after {c['warmup']} warm-up)",
+        f"# Pipeline bubble (K={c['stages']} stages, {c['schedule']}, {c['device']}, compute={c['compute']}, batch {c['batch']}, "
+        f"width {c['width']}, {c['layers_per_stage']} layers/stage, {c['steps']} interleaved rounds after {c['warmup']} "
+        f"warm-up; medians of per-step figures)",
         "",
         "| M | bubble measured | formula (K-1)/(M+K-1) | diff | step ms (median) | speedup vs M=1 | ideal K*M/(M+K-1) | ratio |",
         "|---|---|---|---|---|---|---|---|",
@@ -172,7 +222,7 @@ def _write(result: dict[str, Any]) -> None:
     lines += ["", f"Targets: bubble within 0.05 of the formula: {t['bubble_within_0.05']}; speedup at M=4 >= 0.85 x "
               f"ideal: {t['speedup_at_M4_ge_0.85_ideal']}.", "",
               f"Machine: {result['machine']}"]
-    (RESULTS / "pipeline_bubble.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -182,16 +232,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--layers-per-stage", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compute", default="matmul", choices=["matmul", "sleep"],
+                    help="matmul: real compute-bound stages; sleep: stages that hold without using the host CPU")
+    ap.add_argument("--sleep-ms-per-sample", type=float, default=0.05)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     res = run(stages=a.stages, microbatches=a.microbatches, batch=a.batch, width=a.width,
               layers_per_stage=a.layers_per_stage, steps=a.steps, warmup=a.warmup, schedule=a.schedule,
-              device=a.device, write=not a.no_write)
-    print(json.dumps({"rows": [{k: v for k, v in r.items() if k != "step_ms_all"} for r in res["rows"]],
+              device=a.device, compute=a.compute, sleep_ms_per_sample=a.sleep_ms_per_sample, write=not a.no_write)
+    print(json.dumps({"rows": [{k: v for k, v in r.items() if not k.endswith("_all")} for r in res["rows"]],
                       "targets": res["targets"]}, indent=1))
 
 
