@@ -78,7 +78,9 @@ class _Worker:
 
     rank: int
     clock: int = 0  # pushes received
-    state: str = "idle"  # idle (no parameters out) | computing | queued (gradient waiting)
+    # computing (holds parameters: at the start, the initial ones, version 0) | queued (its
+    # gradient waits for the bound) | idle (no parameters out: waiting for a pull, or done)
+    state: str = "computing"
     version: int = 0  # version it was last sent
     grad: torch.Tensor | None = None
     lrs: list[float] = field(default_factory=list)
@@ -402,12 +404,12 @@ class ParameterServerStrategy(Strategy):
             w.arrival = self._arrivals
             if not math.isnan(w.loss):
                 self._window_losses.append(w.loss)
+        elif w.state == "computing":  # a pull or goodbye without a gradient: parameters unused
+            w.state = "idle"
         if flags & _PULL:
             w.pull_since = time.perf_counter()
         if flags & _DONE:
             w.done = True
-            if w.state == "computing":  # its last parameters were never used for a gradient
-                w.state = "idle"
 
     def _progress(self) -> None:
         """Apply what the staleness bound allows, then answer the pulls it allows."""
