@@ -65,6 +65,8 @@ def run_scaling(cfg: DictConfig, work: Path, res: dict) -> None:
     for rep in range(int(cfg.repeats)):
         order = plan if rep % 2 == 0 else plan[::-1]  # alternate the order: drift cancels
         for strat, spec, world in order:
+            if rep > 0 and not any(p.status == "ok" for p in points if (p.strategy, p.model, p.world_size) == (strat, spec.name, world)):
+                continue  # failed in the first repeat (e.g. needs more ranks): do not pay for it again
             tag = f"scaling/{strat}_{spec.name}_n{world}_r{rep}"
             log.info("scaling: %s model=%s (%d params) N=%d repeat %d", strat, spec.name, spec.params, world, rep)
             p = sweep.run_disttrain(spec, strat, avail[strat]["target"], world, int(cfg.steps), int(cfg.warmup), work,
@@ -299,8 +301,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _hydra_entry(cfg: DictConfig) -> None:
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run(cfg)
+
+    def stop(signum: int, _frame: Any) -> None:
+        sweep.kill_running()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run(cfg)
+    finally:
+        sweep.kill_running()
 
 
 def main() -> None:

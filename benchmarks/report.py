@@ -130,7 +130,8 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
                 a.set_xticks(ns)
                 a.grid(alpha=0.3)
                 a.legend(fontsize=8)
-            ax2.set_ylim(0, max(1.1, max((r["efficiency"] or 0) for r in rows if r["efficiency"] == r["efficiency"]) * 1.1))
+            effs = [r["efficiency"] for r in rows if r["efficiency"] is not None and math.isfinite(r["efficiency"])]
+            ax2.set_ylim(0, max([1.1, *(e * 1.1 for e in effs)]))
         for f, name in ((fig, "throughput.png"), (fig2, "efficiency.png")):
             f.tight_layout()
             f.savefig(out / name, dpi=90)

@@ -108,6 +108,19 @@ def data_parallel_size(name: str, world: int) -> int:
 
 
 # ---------------------------------------------------------------------- launching
+RUNNING: set[subprocess.Popen] = set()  # launches in flight (their own sessions), for kill_running()
+
+
+def kill_running(*_: Any) -> None:
+    """Kill every launch in flight with its whole process group (on SIGTERM/SIGINT of the tool:
+    torchrun runs in its own session, so it would otherwise outlive us)."""
+    for proc in list(RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def torchrun(args: Sequence[str], nproc: int, log: Path, timeout: float, env: dict | None = None) -> tuple[int, str]:
     """``torchrun --standalone --nproc_per_node=N <args>`` from the repo root; output to ``log``.
     Returns (exit code, output tail); on timeout the process group is killed, code 124."""
@@ -121,12 +134,15 @@ def torchrun(args: Sequence[str], nproc: int, log: Path, timeout: float, env: di
         f.write(" ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.add(proc)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = 124
+        finally:
+            RUNNING.discard(proc)
     return rc, log.read_text()[-3000:]
 
 
