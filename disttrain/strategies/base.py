@@ -19,6 +19,8 @@ from torch import nn
 from disttrain.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from disttrain.env import DistEnv
     from disttrain.observe import RunLogger
     from disttrain.timing import StepTimer
@@ -281,6 +283,28 @@ class Strategy:
     def writes_checkpoint(self) -> bool:
         """Whether this rank writes the checkpoint file (rank 0 for data parallelism)."""
         return self.env is None or self.env.is_rank_zero
+
+    def save_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path", extra: dict[str, Any],
+        keep_last: int | None = None,
+    ) -> None:
+        """Write a checkpoint at ``path`` (called on every rank; the Session barriers after).
+        Default: ``state_dict`` plus ``extra`` as one atomic file from the ranks that
+        ``writes_checkpoint``. Engines with their own sharded format (DeepSpeed) override this
+        and ``load_checkpoint``; ``path`` must still end up a loadable file holding ``extra``."""
+        from disttrain import checkpoint as ckpt
+
+        state = {**self.state_dict(model, optimizer), "extra": extra}
+        if self.writes_checkpoint():
+            ckpt.save(state, path.parent, path.name, keep_last=keep_last)
+
+    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path") -> dict[str, Any]:
+        """Load what ``save_checkpoint`` wrote into model and optimizer; returns ``extra``."""
+        from disttrain import checkpoint as ckpt
+
+        state = ckpt.load(path)
+        self.load_state_dict(model, optimizer, state)
+        return state.get("extra", {})
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, x: Any) -> Any:
