@@ -35,10 +35,9 @@ def test_checked_in_recipe_equals_generated(name):
         f"`python -m disttrain.launch --sync` (or edit disttrain/launch.py, not the file)")
 
 
-def test_emit_cli_prints_the_recipe():
-    out = subprocess.run([sys.executable, "-m", "disttrain.launch", "--emit", "slurm"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    assert out == (LAUNCHERS / "slurm" / "train.sbatch").read_text()
+def test_emit_cli_prints_the_recipe(capsys):
+    assert launch.main(["--emit", "slurm"]) == 0
+    assert capsys.readouterr().out == (LAUNCHERS / "slurm" / "train.sbatch").read_text()
 
 
 def test_sync_writes_every_recipe(tmp_path):
@@ -238,12 +237,10 @@ def test_hydra_slurm_launcher_config():
     assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, conf["tasks_per_node"])
 
 
-def test_launch_cli_dry_run():
-    res = subprocess.run([sys.executable, "-m", "disttrain.launch", "--nproc", "3", "--dry-run", "strategy=ddp"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+def test_launch_cli_dry_run(capsys):
+    assert launch.main(["--nproc", "3", "--dry-run", "strategy=ddp"]) == 0
     expected = command(TorchrunSpec(nproc_per_node=3), ["strategy=ddp"], torchrun=launch.this_python_torchrun())
-    assert res.stdout.split() == expected
-    res = subprocess.run([sys.executable, "-m", "disttrain.launch", "--nnodes", "2", "--rdzv-endpoint", "h:1",
-                          "--dry-run", "--", "a=1"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert res.stdout.split()[3:] == [*torchrun_args(TorchrunSpec(nproc_per_node=2, nnodes=2, rdzv_endpoint="h:1",
-                                                                  rdzv_id="disttrain")), "-m", "disttrain", "a=1"]
+    assert capsys.readouterr().out.split() == expected
+    assert launch.main(["--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run", "--", "a=1"]) == 0
+    spec = TorchrunSpec(nproc_per_node=os.environ.get("NPROC", "2"), nnodes=2, rdzv_endpoint="h:1", rdzv_id="disttrain")
+    assert capsys.readouterr().out.split()[3:] == [*torchrun_args(spec), "-m", "disttrain", "a=1"]

@@ -8,16 +8,11 @@ and that the summary table reports exactly what the jobs wrote."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from disttrain import sweep
 from disttrain.launch import TorchrunSpec, torchrun_args
-from tests.distributed import ROOT
 
 
 def hydra_basic_sweeper(args: list[str]) -> list[list[str]]:
@@ -86,14 +81,15 @@ def test_bad_arguments():
 
 
 @pytest.mark.timeout(240)
-def test_real_sweep_of_torchrun_jobs(tmp_path):
+def test_real_sweep_of_torchrun_jobs(tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "sweep"
     args = ["nproc=2", "-m", "strategy=ddp,single", "experiment=regression_exact", "optimizer.lr=0.05",
             "trainer.progress_bar=false", f"sweep_dir={out_dir}", "job_timeout=150"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "disttrain.sweep", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=220)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    code = sweep.main(args)  # in this process; each job is a torchrun subprocess
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:] + "".join(
+        p.read_text()[-2000:] for p in out_dir.glob("*/torchrun.log"))
     _, planned = sweep.plan(args)
 
     rows = json.loads((out_dir / "sweep_summary.json").read_text())
@@ -115,5 +111,5 @@ def test_real_sweep_of_torchrun_jobs(tmp_path):
     assert ddp["steps"] == single["steps"]
     assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     table = (out_dir / "sweep_summary.md").read_text()
-    assert table in proc.stdout
+    assert table in stdout
     assert len(table.splitlines()) == 2 + len(rows)
