@@ -1,0 +1,345 @@
+"""DeepSpeed as an engine behind the Strategy interface: ZeRO stages 0-3, bf16, accumulation and
+clipping taken from the Session's options (one source of truth), checkpoints through DeepSpeed's
+own ``save_checkpoint``/``load_checkpoint``.
+
+Launch it like every other strategy (``torchrun --nproc_per_node=N -m disttrain strategy=deepspeed``):
+the process group is torch's (gloo on CPU, NCCL on GPUs), which DeepSpeed adopts. The user's
+torch optimizer is handed to DeepSpeed (so no fused op is compiled and LR schedulers keep working
+on it). ZeRO partitions optimizer state (1), gradients (2) and parameters (3) across the ranks;
+the result still equals one process training on the gathered batch (tests/test_deepspeed.py).
+
+Install: ``pip install -c requirements/constraints.txt -e '.[deepspeed]'`` (see docs/engines.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from disttrain import checkpoint as ckpt
+from disttrain.env import DistEnv
+from disttrain.errors import ConfigError
+from disttrain.strategies.base import Strategy, require
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install it with: pip install -c requirements/constraints.txt -e '.[deepspeed]' "
+    "(or: bash scripts/setup_env.sh dev,deepspeed); see docs/engines.md"
+)
+
+#: DeepSpeed config keys that disttrain derives from its own options: set those instead.
+_OWNED_KEYS = {
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "gradient_clipping": "trainer.grad_clip",
+    "bf16": "precision=bf16",
+    "bfloat16": "precision=bf16",
+    "fp16": "precision=bf16 (fp16 is not offered: bf16 needs no loss scaling)",
+    "train_batch_size": "data.batch_size (the global batch; disttrain feeds the batches)",
+    "optimizer": "optimizer=... (disttrain hands your torch optimizer to DeepSpeed)",
+}
+
+CHECKPOINT_SUBDIR = "deepspeed"  # DeepSpeed's shards live in <checkpoint dir>/deepspeed/<tag>/
+
+
+def import_deepspeed(what: str = "strategy=deepspeed") -> Any:
+    """``import deepspeed`` or a ConfigError saying how to install it."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip accelerator probing (and its warning)
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs DeepSpeed, which is not installed ({exc}): {INSTALL_HINT}") from exc
+    return deepspeed
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge ``extra`` into a copy of ``base`` (``extra`` wins)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain dicts/lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+class DeepSpeedStrategy(Strategy):
+    """``deepspeed.initialize`` around the model and the user's optimizer.
+
+    ``zero_stage`` (0-3) picks the ZeRO stage; ``config`` is merged last into the DeepSpeed config
+    that disttrain builds, for any other DeepSpeed key (e.g. ``zero_optimization.overlap_comm``,
+    ``communication_data_type``). Accumulation, clipping and bf16 come from the Session."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        zero_stage: int = 1,
+        config: Mapping[str, Any] | None = None,
+        log_level: str = "warning",
+        shm_comm_op: bool = False,
+    ) -> None:
+        super().__init__()
+        self.shm_comm_op = bool(shm_comm_op)
+        self.zero_stage = zero_stage
+        self.extra_config: dict[str, Any] = dict(_plain(config) or {})
+        self.log_level = str(log_level)
+        self.engine: Any = None
+        self._ds: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def validate(self, env: DistEnv) -> None:
+        require(
+            isinstance(self.zero_stage, int) and not isinstance(self.zero_stage, bool) and self.zero_stage in (0, 1, 2, 3),
+            f"strategy.zero_stage={self.zero_stage!r}: expected one of [0, 1, 2, 3] "
+            f"(0: plain data parallel, 1: shard optimizer state, 2: + gradients, 3: + parameters)",
+        )
+        require(
+            isinstance(self.extra_config, dict),
+            f"strategy.config={self.extra_config!r}: expected a mapping of DeepSpeed config keys, e.g. "
+            f"strategy.config={{zero_optimization: {{overlap_comm: true}}}}",
+        )
+        for key, instead in _OWNED_KEYS.items():
+            require(
+                key not in self.extra_config,
+                f"strategy.config.{key} is set, but disttrain derives it from its own options: remove it and set "
+                f"{instead} instead (one source of truth)",
+            )
+        zero = self.extra_config.get("zero_optimization", {})
+        require(
+            not isinstance(zero, Mapping) or "stage" not in zero,
+            f"strategy.config.zero_optimization.stage={zero.get('stage') if isinstance(zero, Mapping) else None!r}: "
+            f"set strategy.zero_stage instead (allowed: 0, 1, 2, 3)",
+        )
+        levels = ("debug", "info", "warning", "error")
+        require(self.log_level in levels, f"strategy.log_level={self.log_level!r}: expected one of {list(levels)}")
+        self._ds = import_deepspeed()
+
+    def setup(self, env: DistEnv, device: torch.device, backend: str, timeout_s: float) -> None:
+        super().setup(env, device, backend, timeout_s)
+        if not dist.is_initialized():
+            # DeepSpeed always needs a process group; one process gets a private one-rank group
+            # (in-memory store: no port), ended by the Session like any other.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._group_started = True
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # deepspeed.initialize insists on it
+        logging.getLogger("DeepSpeed").setLevel(self.log_level.upper())
+        if self.shm_comm_op:
+            self._ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            return
+        # DeepSpeed's CPU shared-memory allreduce op serves only ``inference_all_reduce``
+        # (DeepSpeed-Inference); training never calls it and falls back to torch's all_reduce
+        # without it. Not building it saves a ~35 s C++ compile on first use (and a stale-lock
+        # hang in torch_extensions if that compile is ever interrupted).
+        import importlib
+
+        # (not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch)
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+
+        build = ds_torch_comm.build_shm_op
+        ds_torch_comm.build_shm_op = lambda: None
+        try:
+            self._ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        finally:
+            ds_torch_comm.build_shm_op = build
+
+    def teardown(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()  # releases its hooks and buffers before the process group ends
+        self.engine = None
+
+    # ------------------------------------------------------------------ config
+    def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config: disttrain's options, then ``strategy.config`` merged last."""
+        ro = self.run_options
+        cfg: dict[str, Any] = {
+            # DeepSpeed insists on a micro-batch size; disttrain feeds the batches itself, so it
+            # only affects DeepSpeed's own throughput prints (override it in strategy.config).
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": ro.gradient_accumulation_steps,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": ro.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,  # the user's torch optimizer
+            "steps_per_print": 2**31 - 1,  # disttrain logs progress itself
+            "wall_clock_breakdown": False,
+        }
+        # always set: DeepSpeed's own default (1.0) would clip when trainer.grad_clip is null
+        cfg["gradient_clipping"] = float(ro.grad_clip) if ro.grad_clip else 0.0
+        return _merge(cfg, self.extra_config)
+
+    # ------------------------------------------------------------------ model
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        """``deepspeed.initialize``. Returns the engine and the user's optimizer object (which
+        DeepSpeed steps inside its ZeRO wrapper: LR schedulers built on it keep working)."""
+        model = model.to(self.device)
+        self.engine, _, _, _ = self._ds.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config(), dist_init_required=False
+        )
+        return self.engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def apply_precision(self, model: nn.Module, precision: str) -> nn.Module:
+        """DeepSpeed's bf16 keeps bf16 weights (fp32 master copies in the optimizer): cast the
+        floating-point inputs to bf16 and return fp32 outputs, so callers see no difference."""
+        if precision == "bf16":
+            model.forward = _bf16_io_forward(model.forward)
+        return model
+
+    # ------------------------------------------------------------------ one step, in parts
+    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+        # DeepSpeed reduces gradients (and ZeRO partitions them) at the accumulation boundary.
+        if hasattr(model, "set_gradient_accumulation_boundary"):
+            model.set_gradient_accumulation_boundary(enabled)
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        # The Session (and train_step) already divided the loss by the accumulation steps.
+        model.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        raise NotImplementedError(
+            "strategy=deepspeed clips inside its step: set trainer.grad_clip (Session(grad_clip=...)) instead of "
+            "calling clip_grad_norm_ yourself"
+        )
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        """``engine.step()``: reduce/partition gradients, clip (``gradient_clipping`` is the
+        Session's grad_clip), step the optimizer, zero the gradients."""
+        model.step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """The full model weights (gathered under ZeRO-3) for in-memory use; the optimizer's
+        state is sharded by ZeRO, so checkpoints go through ``save_checkpoint``."""
+        module = self.unwrap(model)
+        if self.zero_stage == 3:
+            params = list(module.parameters())
+            with self._ds.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {"model": state, "optimizer": None}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        """Load full model weights (as ``state_dict`` returns them) and refresh ZeRO's fp32
+        master copies from them. Optimizer state is restored only by ``load_checkpoint``."""
+        module = self.unwrap(model)
+        if self.zero_stage == 3:
+            params = list(module.parameters())
+            with self._ds.zero.GatheredParameters(params, modifier_rank=0):
+                module.load_state_dict(state["model"])
+        else:
+            module.load_state_dict(state["model"])
+        inner = getattr(model, "optimizer", None)
+        if inner is not None and hasattr(inner, "refresh_fp32_params"):
+            inner.refresh_fp32_params()
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero_stage}
+
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        saved_stage, saved_world = meta.get("zero_stage"), meta.get("world_size")
+        require(
+            saved_stage is not None,
+            f"the checkpoint was written by strategy={meta.get('strategy')!r}, not by strategy=deepspeed (it has no "
+            f"DeepSpeed shards): resume it with the strategy that wrote it, or start fresh",
+        )
+        require(
+            saved_stage == self.zero_stage,
+            f"the checkpoint was written with strategy.zero_stage={saved_stage}, this run has zero_stage="
+            f"{self.zero_stage}: resume with strategy.zero_stage={saved_stage}",
+        )
+        world = self.env.world_size if self.env is not None else None
+        require(
+            self.zero_stage == 0 or saved_world is None or world is None or saved_world == world,
+            f"the checkpoint's ZeRO-{saved_stage} shards were written by {saved_world} ranks, this run has {world}: "
+            f"resume with --nproc_per_node={saved_world} (or convert it with DeepSpeed's universal checkpoint tools)",
+        )
+
+    def writes_checkpoint(self) -> bool:
+        return True  # every rank writes its own ZeRO shard
+
+    def save_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path, extra: dict[str, Any],
+        keep_last: int | None = None,
+    ) -> None:
+        """DeepSpeed's ``save_checkpoint`` into ``<dir>/deepspeed/<stem>/`` on every rank, then,
+        once every shard is written, rank 0 writes ``path`` (a small manifest with ``extra``)
+        atomically and advances the ``latest`` pointer: the pointer never names a partial
+        checkpoint, and ``trainer.resume=auto`` finds it like any other."""
+        path = Path(path)
+        shards = path.parent / CHECKPOINT_SUBDIR
+        model.save_checkpoint(str(shards), tag=path.stem, client_state={}, save_latest=False)
+        self.barrier()
+        if self.env is None or self.env.is_rank_zero:
+            manifest = {"deepspeed": {"dir": CHECKPOINT_SUBDIR, "tag": path.stem, "zero_stage": self.zero_stage},
+                        "extra": extra}
+            ckpt.save(manifest, path.parent, path.name, keep_last=keep_last)
+            kept = {p.stem for p in ckpt.list_checkpoints(path.parent)}
+            for old in shards.iterdir():
+                if old.is_dir() and old.name not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict[str, Any]:
+        path = Path(path)
+        manifest = ckpt.load(path)
+        info = manifest.get("deepspeed")
+        if info is None:
+            raise ConfigError(
+                f"{path} was not written by strategy=deepspeed (no DeepSpeed shards): resume it with the strategy "
+                f"that wrote it, or start fresh"
+            )
+        load_path, _ = model.load_checkpoint(
+            str(path.parent / info["dir"]), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {info['tag']!r} under {path.parent / info['dir']}")
+        return manifest.get("extra", {})
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero_stage}
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "zero_stage": self.zero_stage, "config": self.extra_config}
+
+
+def _bf16_io_forward(forward: Any) -> Any:
+    import functools
+
+    def cast(x: Any, dtype: torch.dtype) -> Any:
+        if torch.is_tensor(x) and x.is_floating_point():
+            return x.to(dtype)
+        if isinstance(x, (list, tuple)):
+            return type(x)(cast(v, dtype) for v in x)
+        if isinstance(x, dict):
+            return {k: cast(v, dtype) for k, v in x.items()}
+        return x
+
+    @functools.wraps(forward)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return cast(forward(*cast(args, torch.bfloat16), **cast(kwargs, torch.bfloat16)), torch.float32)
+
+    return wrapped
