@@ -139,9 +139,9 @@ def _analyse(ranks: list[dict], target: float | None, smooth_batches: int) -> di
 
 def run(
     reps: int = 2,
-    steps: int = 150,
-    batch: int = 64,
-    hidden: int = 256,
+    steps: int = 80,
+    batch: int = 256,
+    hidden: int = 512,
     lr: float = 1e-3,
     factor: float = 2.0,
     staleness: tuple = (None, 4),
@@ -241,12 +241,13 @@ def _write(result: dict, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args()
-    res = run(reps=a.reps, steps=a.steps, hidden=a.hidden, factor=a.factor, out_dir=a.out_dir)
+    res = run(reps=a.reps, steps=a.steps, batch=a.batch, hidden=a.hidden, factor=a.factor, out_dir=a.out_dir)
     print(Path(a.out_dir or RESULTS, "straggler.md").read_text())
     print(f"wall {res['wall_s']:.0f}s")
 
