@@ -2,6 +2,9 @@
 # The test suite, with its own set-up. Extra arguments go to pytest, e.g. scripts/test.sh -k ddp
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup_env.sh" dev
+# dev tools plus the engines the tests exercise for real: DeepSpeed (an extra) and Horovod (built
+# once by scripts/install_horovod.sh, then installed from its cached wheel).
+source "$ROOT/scripts/setup_env.sh" dev,deepspeed
+bash "$ROOT/scripts/install_horovod.sh"
 cd "$ROOT"
 exec python -m pytest "$@"
