@@ -211,6 +211,7 @@ class DeepSpeedStrategy(Strategy):
     # ------------------------------------------------------------------ one step, in parts
     def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
         # DeepSpeed reduces gradients (and ZeRO partitions them) at the accumulation boundary.
+        self._sync_next = enabled
         if hasattr(model, "set_gradient_accumulation_boundary"):
             model.set_gradient_accumulation_boundary(enabled)
 
@@ -226,8 +227,14 @@ class DeepSpeedStrategy(Strategy):
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         """``engine.step()``: reduce/partition gradients, clip (``gradient_clipping`` is the
-        Session's grad_clip), step the optimizer, zero the gradients."""
-        model.step()
+        Session's grad_clip), step the optimizer, zero the gradients. Called only at the end of
+        an accumulation cycle, but the plug-in face may already have announced the next
+        micro-step's (non-)sync: DeepSpeed steps only at a boundary, so mark one for the step."""
+        model.set_gradient_accumulation_boundary(True)
+        try:
+            model.step()
+        finally:
+            model.set_gradient_accumulation_boundary(getattr(self, "_sync_next", True))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
