@@ -139,14 +139,14 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
             made.append(out / name)
 
         fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(scaling) + 2), 4.5))
-        labels = [f"{r['strategy']}\n{r['model']} N={r['world_size']}" for r in scaling]
+        labels = [f"{r['strategy']} {r['model']} N={r['world_size']}" for r in scaling]
         bottom = [0.0] * len(scaling)
         for cat in stats.CATEGORIES:
             vals = [(r["breakdown_ms"] or {}).get(cat, 0.0) or 0.0 for r in scaling]
             ax.bar(range(len(scaling)), vals, bottom=bottom, label=cat)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_xticks(range(len(scaling)))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
         ax.set_ylabel("mean ms per step")
         ax.set_title("where a step's time goes (warm-up excluded)")
         ax.legend(fontsize=8)
@@ -349,3 +349,16 @@ def markdown(res: dict[str, Any], out: Path) -> str:
 
 def _size(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
+
+
+def rerender(out: Path) -> None:
+    """Redraw the plots and report.md of ``out`` from its results.json (no launches):
+    ``python -m benchmarks.report benchmarks/results/<name>``."""
+    res = json.loads((Path(out) / "results.json").read_text())
+    write_all(res, Path(out))
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(Path(sys.argv[1]))
