@@ -25,7 +25,6 @@ To sweep on a SLURM cluster with a job per sweep point instead, use Hydra's subm
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import json
 import os

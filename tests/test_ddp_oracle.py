@@ -10,43 +10,19 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from tests.distributed import run_distributed
+from tests.oracle import LR, assert_same_state, gathered_batches, sgd_reference
+from tests.oracle import regression_data as _data
+from tests.oracle import tiny_model as _model
 
 K_STEPS = 6
 WORLD = 2
-LR = 0.05
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-
-def _data():
-    from disttrain.data import synthetic_regression
-
-    return synthetic_regression(num_samples=256, in_features=8, seed=1)[0]
-
-
-def _reference(batches_per_step: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """Plain torch: one SGD step per entry, on the concatenation of its batches (mean loss)."""
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for batches in batches_per_step:
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return model.state_dict()
-
-
-def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=f"parameter {k} differs")
+def _assert_same(got, want):
+    assert_same_state(got, want, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- Session API
@@ -84,7 +60,7 @@ def test_session_ddp_matches_single_process_on_gathered_batch(accum):
     for s in range(K_STEPS):
         micro = range(s * accum, (s + 1) * accum)
         steps.append([results[r][1][m] for m in micro for r in range(WORLD)])
-    _assert_same(states[0], _reference(steps))
+    _assert_same(states[0], sgd_reference(steps))
     # each rank read a different, disjoint shard of the data
     x0 = torch.cat([b[0] for b in results[0][1]])
     x1 = torch.cat([b[0] for b in results[1][1]])
@@ -117,17 +93,7 @@ def test_trainer_ddp_matches_single_process_on_gathered_batch(accum):
     assert [r[1] for r in results] == [K_STEPS, K_STEPS]
     _assert_same(results[1][0], results[0][0])
     # The Trainer reads each rank's DistributedSampler shard (seed 7, epoch 0), 8 samples per micro-batch.
-    data = _data()
-    order = [list(DistributedSampler(data, WORLD, r, shuffle=True, seed=7, drop_last=True)) for r in range(WORLD)]
-    steps = []
-    for s in range(K_STEPS):
-        batch = []
-        for m in range(s * accum, (s + 1) * accum):
-            for r in range(WORLD):
-                idx = order[r][m * 8:(m + 1) * 8]
-                batch.append((data.tensors[0][idx], data.tensors[1][idx]))
-        steps.append(batch)
-    _assert_same(results[0][0], _reference(steps))
+    _assert_same(results[0][0], sgd_reference(gathered_batches(_data(), WORLD, K_STEPS, accum, 8, seed=7)))
 
 
 def _single_reference_through_session():
@@ -147,4 +113,4 @@ def _single_reference_through_session():
 
 def test_single_strategy_is_plain_torch():
     state, steps = _single_reference_through_session()
-    _assert_same(state, _reference(steps))
+    _assert_same(state, sgd_reference(steps))

@@ -19,44 +19,20 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.distributed import ROOT, run_distributed, run_torchrun
+from tests.oracle import LR, assert_same_state, gathered_batches
+from tests.oracle import regression_data as _data
+from tests.oracle import sgd_reference as _reference
+from tests.oracle import tiny_model as _model
 
 K_STEPS = 4
 WORLD = 2
-LR = 0.05
 MICRO = 8  # samples per rank per micro-batch
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-
-def _data():
-    from disttrain.data import synthetic_regression
-
-    return synthetic_regression(num_samples=256, in_features=8, seed=1)[0]
-
-
-def _reference(batches_per_step, momentum: float = 0.0) -> dict[str, torch.Tensor]:
-    """Plain torch: one SGD step per entry, on the concatenation of its batches (mean loss)."""
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
-    for batches in batches_per_step:
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return model.state_dict()
-
-
 def _assert_same(got, want, atol=1e-5) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=0, msg=f"parameter {k} differs")
+    assert_same_state(got, want, atol)
 
 
 # --------------------------------------------------------------------------- Trainer path
@@ -85,16 +61,7 @@ def test_zero_matches_single_process_on_gathered_batch(stage, accum):
     assert [r[1:] for r in results] == [(K_STEPS, stage)] * WORLD
     _assert_same(results[1][0], results[0][0], atol=0)  # every rank ends with the same weights
     # The Trainer reads each rank's DistributedSampler shard (seed 7, epoch 0).
-    data = _data()
-    order = [list(DistributedSampler(data, WORLD, r, shuffle=True, seed=7, drop_last=True)) for r in range(WORLD)]
-    steps = []
-    for s in range(K_STEPS):
-        batch = []
-        for m in range(s * accum, (s + 1) * accum):
-            for r in range(WORLD):
-                idx = order[r][m * MICRO:(m + 1) * MICRO]
-                batch.append((data.tensors[0][idx], data.tensors[1][idx]))
-        steps.append(batch)
+    steps = gathered_batches(_data(), WORLD, K_STEPS, accum, MICRO, seed=7)
     _assert_same(results[0][0], _reference(steps))
 
 

@@ -18,7 +18,7 @@ def _tiny():
 
 def _collectives_worker(tmp: str):
     ds = disttrain.setup(strategy="ddp", seed=0)
-    r, n = ds.rank, ds.world_size
+    r = ds.rank
     out = {
         "sum": ds.reduce(torch.tensor([float(r + 1)]), "sum").item(),
         "mean": ds.reduce(torch.tensor([float(r + 1)]), "mean").item(),

@@ -22,7 +22,6 @@ Install: ``bash scripts/install_horovod.sh`` (builds Horovod 0.28.1 for this tor
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import types
