@@ -186,14 +186,20 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: tor
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    dist.init_process_group(
-        backend=backend,
-        init_method="env://",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=_dt.timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    timeout = _dt.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torch (2.13) assumes torchrun makes a new store for each restart and so adds no
+        # per-attempt prefix, but the rendezvous store outlives restarts: a restarted group then
+        # reads the previous attempt's (dead) gloo addresses and fails with "Connection refused".
+        # Namespacing the keys by the restart count makes every attempt rendezvous afresh.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+            is_master=False, timeout=timeout,
+        )
+        kwargs["store"] = dist.PrefixStore(f"/disttrain/attempt_{env.restart_count}", store)
+    else:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
     return True
 
 

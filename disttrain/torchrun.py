@@ -72,14 +72,6 @@ def bind_address(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     addr = bind_address(argv)
-    restarts = [a.split("=", 1)[-1] for a in argv if a.startswith(("--max-restarts", "--max_restarts"))]
-    if addr and restarts and restarts[-1] not in ("0", "--max-restarts", "--max_restarts"):
-        # Known gap: a restarted group hangs re-joining a rendezvous whose store was handed a
-        # pre-bound socket. Refuse rather than hang.
-        sys.exit(
-            "disttrain.torchrun: --max-restarts is not supported together with a bound store yet; "
-            "use torchrun (its store listens on all interfaces: run on a private network) for restarts"
-        )
     if addr:
         install(addr)
         if "--standalone" in argv and not any(a.startswith("--local-addr") for a in argv):

@@ -113,8 +113,6 @@ def oracle(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ 1-3: kill and restart
-@pytest.mark.xfail(strict=False, reason="flaky under load: the restarted gloo group sometimes fails connectFullMesh "
-                   "(stale/unreachable peer addresses on attempt 1); passes when it connects. See report of issue #7")
 @pytest.mark.timeout(420)
 def test_sigkill_mid_run_restarts_and_matches_uninterrupted(oracle, tmp_path: Path) -> None:
     want, _, _ = oracle
