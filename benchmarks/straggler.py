@@ -114,7 +114,8 @@ def _launch(cfg: dict, world: int, timeout: float) -> list[dict]:
 def _analyse(ranks: list[dict], target: float | None, smooth_batches: int) -> dict[str, Any]:
     workers = [r for r in ranks if r["trains"]]
     recs = [r["records"] for r in workers]
-    t0 = max(rs[min(10, len(rs) - 1)][0] for rs in recs)
+    # warm-up: the first 10 batches of each worker (a quarter of them in short runs) are not timed
+    t0 = max(rs[min(10, len(rs) // 4)][0] for rs in recs)
     t1 = min(rs[-1][0] for rs in recs)
     window = sum(n for rs in recs for t, _, n in rs if t0 < t <= t1)
     merged = sorted(rec for rs in recs for rec in rs)

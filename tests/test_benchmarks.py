@@ -201,3 +201,20 @@ def test_tiny_sweep_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     for text in ("## Machine", "torch 2.13.0", "python -m benchmarks size=tiny", "noise floor", "busbw", "E_N", "gloo"):
         assert text in md, text
+
+
+@pytest.mark.timeout(600)
+def test_straggler_and_pipeline_modes_run_in_the_tool(tmp_path):
+    """The sync-vs-async straggler comparison and the pipeline-bubble comparison run from the
+    same command (tiny settings) and land in results.json and the report."""
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "size=tiny", "name=test", f"out_dir={out}", "mode=[straggler,pipeline]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=560,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for mode in ("straggler", "pipeline"):
+        assert res[mode]["status"] == "ok" and res[mode]["result"], res[mode]
+    md = (out / "report.md").read_text()
+    assert "## Straggler" in md and "## Pipeline bubble" in md and "failed:" not in md
