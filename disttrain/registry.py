@@ -32,6 +32,16 @@ def group_config(group: str, name: str) -> DictConfig:
     return cfg
 
 
+def to_plain(obj: Any) -> Any:
+    """OmegaConf containers (as Hydra passes them to ``_target_`` constructors) to plain
+    dicts and lists; anything else unchanged."""
+    from omegaconf import ListConfig
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
 def instantiate(cfg: Mapping[str, Any] | DictConfig, what: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with an error that names the config key when it fails."""
     from hydra.utils import instantiate as _instantiate

@@ -27,6 +27,7 @@ from torch import nn
 from disttrain import checkpoint as ckpt
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
+from disttrain.registry import to_plain
 from disttrain.strategies.base import Strategy, require
 
 log = logging.getLogger(__name__)
@@ -72,18 +73,6 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers (from Hydra) to plain dicts/lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
 class DeepSpeedStrategy(Strategy):
     """``deepspeed.initialize`` around the model and the user's optimizer.
 
@@ -103,7 +92,7 @@ class DeepSpeedStrategy(Strategy):
         super().__init__()
         self.shm_comm_op = bool(shm_comm_op)
         self.zero_stage = zero_stage
-        self.extra_config: dict[str, Any] = dict(_plain(config) or {})
+        self.extra_config: dict[str, Any] = dict(to_plain(config) or {})
         self.log_level = str(log_level)
         self.engine: Any = None
         self._ds: Any = None

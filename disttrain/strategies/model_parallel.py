@@ -31,6 +31,7 @@ from torch import nn
 from disttrain import placement as pl
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
+from disttrain.registry import to_plain
 from disttrain.strategies.base import Batch, LossFn, Strategy, require
 
 log = logging.getLogger("disttrain")
@@ -127,10 +128,10 @@ class ModelParallelStrategy(Strategy):
         report: bool = True,
     ) -> None:
         super().__init__()
-        self.placement_cfg = _plain(placement)
+        self.placement_cfg = to_plain(placement)
         self.microbatches = microbatches
         self.schedule = str(schedule).lower()
-        self.devices = _plain(devices)
+        self.devices = to_plain(devices)
         self.init = str(init)
         self.report = bool(report)
         self.multi = False
@@ -691,17 +692,6 @@ class ModelParallelStrategy(Strategy):
 
 
 # ---------------------------------------------------------------------- helpers
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
-
-
 def _move(x: Any, dev: torch.device) -> Any:
     if torch.is_tensor(x):
         return x.to(dev, non_blocking=True) if x.device != dev else x
