@@ -348,7 +348,7 @@ class ShardedLoader:
     """A DataLoader over this rank's shard that calls ``sampler.set_epoch`` on every new epoch,
     so each epoch is shuffled differently and identically on every rank."""
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler, seed: int = 0) -> None:
+    def __init__(self, loader: DataLoader, sampler: "_ResumableSampler", seed: int = 0) -> None:
         self.loader, self.sampler = loader, sampler
         self.seed = seed
         self.epoch = 0
@@ -359,19 +359,12 @@ class ShardedLoader:
         loaded); the loader's generator is reseeded per epoch, so worker seeds are the same
         whether the epoch was started fresh or resumed."""
         self.sampler.set_epoch(self.epoch)
-        if isinstance(self.sampler, _ResumableSampler):
-            self.sampler.start = self.skip * (self.loader.batch_size or 1)
-            skip = 0
-        else:
-            skip = self.skip
+        self.sampler.start = self.skip * (self.loader.batch_size or 1)
         if self.loader.generator is not None:
             self.loader.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.skip = 0
         self.epoch += 1
-        it = iter(self.loader)
-        for _ in range(skip):
-            next(it)
-        yield from it
+        yield from self.loader
 
     def __len__(self) -> int:
         return len(self.loader)
