@@ -106,7 +106,14 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        made.append(out / name)
+
     scaling = [r for r in res.get("scaling", []) if r.get("status") == "ok"]
     if scaling:
         models = sorted({r["model"] for r in scaling})
@@ -132,11 +139,8 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
                 a.legend(fontsize=8)
             effs = [r["efficiency"] for r in rows if r["efficiency"] is not None and math.isfinite(r["efficiency"])]
             ax2.set_ylim(0, max([1.1, *(e * 1.1 for e in effs)]))
-        for f, name in ((fig, "throughput.png"), (fig2, "efficiency.png")):
-            f.tight_layout()
-            f.savefig(out / name, dpi=90)
-            plt.close(f)
-            made.append(out / name)
+        save(fig, "throughput.png")
+        save(fig2, "efficiency.png")
 
         fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(scaling) + 2), 4.5))
         labels = [f"{r['strategy']} {r['model']} N={r['world_size']}" for r in scaling]
@@ -151,10 +155,7 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title("where a step's time goes (warm-up excluded)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(out / "breakdown.png", dpi=90)
-        plt.close(fig)
-        made.append(out / "breakdown.png")
+        save(fig, "breakdown.png")
 
     comm = [c for c in res.get("comm", []) if c.get("status") == "ok"]
     if comm:
@@ -179,10 +180,7 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title("allreduce busbw = algbw x 2(N-1)/N")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "busbw.png", dpi=90)
-        plt.close(fig)
-        made.append(out / "busbw.png")
+        save(fig, "busbw.png")
 
     batch = [p for p in (res.get("batch") or {}).get("points", []) if p["status"] == "ok"]
     if batch:
@@ -197,10 +195,7 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax2.set_ylabel("ms per batch (median)")
         ax.grid(alpha=0.3)
         fig.legend(fontsize=8, loc="upper left")
-        fig.tight_layout()
-        fig.savefig(out / "batch.png", dpi=90)
-        plt.close(fig)
-        made.append(out / "batch.png")
+        save(fig, "batch.png")
     return made
 
 
