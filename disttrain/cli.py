@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from disttrain.env import DistEnv
+from disttrain.env import DistEnv, agent_store
 from disttrain.errors import ConfigError
 from disttrain.registry import CONF_DIR, build_strategy, instantiate
 
@@ -37,21 +37,45 @@ def run_id() -> str:
     if os.environ.get("DISTTRAIN_RUN_ID"):
         return os.environ["DISTTRAIN_RUN_ID"]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
-        import datetime
-
-        import torch.distributed as dist
-
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    store = agent_store()
+    if store is not None:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-        agreed = store.compare_set(f"disttrain/run_id/{run}", "", stamp).decode()
-        return agreed
+        return store.compare_set(f"disttrain/run_id/{run}", "", stamp).decode()
     if "SLURM_JOB_ID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}"
     return stamp
+
+
+# ---------------------------------------------------------------------- failing together
+_CONFIG_CHECKED = False
+
+
+def config_checked(failed: bool, wait_s: float = 20.0) -> None:
+    """Record that this rank has finished composing and checking its config.
+
+    torchrun stops every other rank (SIGTERM) as soon as one exits, so a rank that exits on a
+    config error at once can cut off the others before they print the same error: the user would
+    see it from one rank and a SIGTERM from the rest. A failing rank therefore waits, at most
+    ``wait_s``, until every rank of the launch has checked its config, then exits. A rank whose
+    config is good marks itself and goes on without waiting. A no-op outside torchrun."""
+    global _CONFIG_CHECKED
+    if _CONFIG_CHECKED and not failed:
+        return
+    try:
+        store = agent_store(timeout_s=5.0)
+        if store is None:
+            return
+        env = DistEnv.from_environ()
+        prefix = f"disttrain/config_checked/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{env.restart_count}"
+        if not _CONFIG_CHECKED:
+            store.set(f"{prefix}/{env.rank}", "failed" if failed else "ok")
+            _CONFIG_CHECKED = True
+        if failed:
+            import datetime
+
+            store.wait([f"{prefix}/{r}" for r in range(env.world_size)], datetime.timedelta(seconds=wait_s))
+    except Exception:  # a rank that never checks (crashed, slow) must not keep this one alive
+        pass
 
 
 def _rank() -> int:
@@ -103,6 +127,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     env = DistEnv.from_environ()
     configure_logging(env.rank, run_dir if env.is_rank_zero else None)
     strategy, trainer_cfg = validate(cfg, env)
+    config_checked(failed=False)
     session = Session(
         strategy,
         env=env,
@@ -203,4 +228,12 @@ def main() -> None:
 
     register_resolvers()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_entry)
-    record(app)()  # torchrun's error file: the failing rank and its traceback in the output
+    try:
+        record(app)()  # torchrun's error file: the failing rank and its traceback in the output
+    except SystemExit as exc:
+        # Hydra prints a bad override or a missing config option itself and exits 1; our own
+        # config errors exit 2. Either way, let the other ranks print theirs before torchrun
+        # stops them (see config_checked).
+        if exc.code not in (0, None):
+            config_checked(failed=True)
+        raise

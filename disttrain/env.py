@@ -174,6 +174,20 @@ def configure_threads(device: torch.device, num_threads: int | None = None) -> i
     return n
 
 
+def agent_store(timeout_s: float = 60.0):
+    """A client of torchrun's agent TCP store (the rendezvous store every rank of a launch
+    shares, restarts included), or None outside torchrun. Ranks use it to agree on things before
+    a process group exists: the run directory, whether every rank has checked its config."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=_dt.timedelta(seconds=timeout_s),
+    )
+
+
 def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: torch.device) -> bool:
     """Start the default process group if the job has more than one process. Idempotent."""
     import torch.distributed as dist
@@ -187,15 +201,12 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: tor
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     timeout = _dt.timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    store = agent_store(timeout_s)
+    if store is not None:
         # torch (2.13) assumes torchrun makes a new store for each restart and so adds no
         # per-attempt prefix, but the rendezvous store outlives restarts: a restarted group then
         # reads the previous attempt's (dead) gloo addresses and fails with "Connection refused".
         # Namespacing the keys by the restart count makes every attempt rendezvous afresh.
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-            is_master=False, timeout=timeout,
-        )
         kwargs["store"] = dist.PrefixStore(f"/disttrain/attempt_{env.restart_count}", store)
     else:
         kwargs["init_method"] = "env://"
