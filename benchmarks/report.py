@@ -39,6 +39,8 @@ def machine() -> dict[str, Any]:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except Exception:
         commit = ""
+    # a copy of the tree without .git (a GPU machine, a container) names its commit here
+    commit = commit or os.environ.get("DISTTRAIN_GIT_COMMIT", "") or "unknown"
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     try:
         import disttrain
@@ -206,9 +208,14 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return fmt.format(v)
 
 
+def _mem_label(rows: list[dict[str, Any]]) -> str:
+    """The memory column holds torch.cuda.max_memory_allocated where the ranks ran on GPUs."""
+    return "peak GPU MB allocated" if any(r.get("peak_gpu_mb") for r in rows) else "peak RSS MB"
+
+
 def scaling_table(rows: list[dict[str, Any]]) -> str:
     head = ("| strategy | model | N | samples/s | E_N | step ms median [p10, p90] | data | compute | comm | optimizer "
-            "| idle | other | peak RSS MB (max rank) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            f"| idle | other | {_mem_label(rows)} (max rank) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["model"], r["strategy"], r["world_size"])):
         if r.get("status") != "ok":
@@ -317,7 +324,7 @@ def markdown(res: dict[str, Any], out: Path) -> str:
     if res.get("batch"):
         bt = res["batch"]
         parts.append(f"## Batch size (N={bt['world_size']}, model {bt['model']}, ddp)\n")
-        parts.append("| per-rank batch | ms per batch median [p10, p90] | samples/s | peak RSS MB |\n|---|---|---|---|")
+        parts.append(f"| per-rank batch | ms per batch median [p10, p90] | samples/s | {_mem_label(bt['points'])} |\n|---|---|---|---|")
         for p in bt["points"]:
             if p["status"] != "ok":
                 parts.append(f"| {p['per_rank_batch']} | failed: {p['error'][:80]} | | |")

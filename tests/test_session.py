@@ -124,3 +124,26 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(RuntimeError, match="call ds.prepare"):
         ds.backward(torch.tensor(1.0, requires_grad=True))
     ds.close()
+
+
+def test_tensor_dataset_fast_path_gives_the_default_loaders_batches():
+    """A TensorDataset with the default collate is read a batch at a time (one gather per tensor,
+    not one index per sample); every batch of two epochs must equal what the per-sample path,
+    forced by a custom collate_fn, yields with the same sampler."""
+    from torch.utils.data import default_collate
+
+    ds = disttrain.setup(strategy="single", accelerator="cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(100, 3, generator=g), torch.randint(0, 5, (100,), generator=g))
+    fast = ds.prepare_loader(DataLoader(data, batch_size=16, shuffle=True), seed=3)
+    slow = ds.prepare_loader(DataLoader(data, batch_size=16, shuffle=True, collate_fn=lambda b: default_collate(b)), seed=3)
+    assert type(fast.loader.dataset).__name__ == "_BatchIndexed" and slow.loader.dataset is data
+    assert fast.dataset is data  # the user's dataset, for len() and checkpoints
+    for _ in range(2):
+        pairs = list(zip(fast, slow, strict=True))
+        assert len(pairs) == 7  # 100 samples, 16 a batch, the last one short
+        for a, b in pairs:
+            assert isinstance(a, list) and len(a) == 2
+            for ta, tb in zip(a, b):
+                assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+    ds.close()
