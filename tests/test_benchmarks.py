@@ -218,3 +218,16 @@ def test_straggler_and_pipeline_modes_run_in_the_tool(tmp_path):
         assert res[mode]["status"] == "ok" and res[mode]["result"], res[mode]
     md = (out / "report.md").read_text()
     assert "## Straggler" in md and "## Pipeline bubble" in md and "failed:" not in md
+
+
+@pytest.mark.timeout(120)
+def test_loader_benchmark_runs_both_paths_side_by_side():
+    from benchmarks import loader
+
+    res = loader.run(batch_sizes=(8, 16), features=4, samples=64, batches=3, rounds=2, write=False)
+    assert [p["batch"] for p in res["points"]] == [8, 16]
+    for p in res["points"]:
+        assert p["per_sample_ms"] > 0 and p["fast_ms"] > 0
+        assert p["speedup_min"] <= p["speedup_median"] <= p["speedup_max"]
+    md = loader.markdown(res)
+    assert md.count("\n| 8 |") == 1 and "speedup median" in md
