@@ -123,6 +123,81 @@ def test_two_workers_synchronous_has_zero_staleness_and_equals_global_batch():
     assert all(r["steps"] == steps for r in results)  # the Trainer's step reaches servers too
 
 
+def test_synchronous_update_waits_for_a_worker_whose_first_pull_comes_late():
+    """The server's schedule at s = 0, driven message by message (no processes). Worker 1 pulls,
+    computes and pushes before worker 2's first pull arrives: worker 2 must be sent version 0 and
+    its gradient averaged with worker 1's into one update. (Applying worker 1's gradient alone
+    first made a run sequential SGD on half batches with every gradient "0 stale"; under load
+    the two-worker oracle test failed about one run in four.)"""
+    from disttrain.strategies.parameter_server import _PULL, _PUSH, _Worker
+
+    st = ParameterServerStrategy(num_servers=1, max_staleness=0)
+    st._w = {1: _Worker(1), 2: _Worker(2)}
+    st._version, st._n, st._arrivals, st._snap_requests, st._window_losses = 0, 0, 0, [], []
+    events = []
+
+    def apply(group):
+        events.append(("apply", sorted(w.rank for w in group)))
+        for w in group:
+            w.state = "idle"
+        st._version += 1
+
+    def reply(w):
+        events.append(("reply", w.rank, st._version))
+        w.state, w.version, w.pull_since = "computing", st._version, None
+
+    st._apply, st._reply = apply, reply
+
+    def message(flags, rank, clock):
+        st._handle(torch.tensor([flags, rank, clock, 0.5, 0, 0, 0, 0, 0], dtype=torch.float64))
+        st._progress()
+
+    message(_PULL, 1, 0)
+    message(_PUSH | _PULL, 1, 1)
+    message(_PULL, 2, 0)
+    message(_PUSH | _PULL, 2, 1)
+    assert events == [("reply", 1, 0), ("reply", 2, 0), ("apply", [1, 2]), ("reply", 1, 1), ("reply", 2, 1)]
+
+
+# ---------------------------------------------------------------------- checkpoints during training
+def _train_ps_checkpointed(run_dir: str, steps: int, resume: str | None) -> dict:
+    """One rank: 1 server, 2 workers, s = 0, Adam, a checkpoint every 4 steps."""
+    from disttrain.session import Session
+    from disttrain.trainer import Trainer, TrainerConfig
+
+    s = Session({"_target_": TARGET, "num_servers": 1, "max_staleness": 0}, seed=0)
+    model = _model()
+    cfg = TrainerConfig(max_epochs=100, max_steps=steps, checkpoint_every_n_steps=4, resume=resume,
+                        log_every_n_steps=100, progress_bar=False)
+    trainer = Trainer(s, model, _optimizer("adam", model.parameters()), nn.MSELoss(), _data()[0], batch_size=32,
+                      config=cfg, run_dir=Path(run_dir))
+    trainer.fit()
+    return {"params": {k: v.detach().clone() for k, v in s.unwrap(trainer.model).state_dict().items()},
+            "steps": trainer.step}
+
+
+@pytest.mark.timeout(300)
+def test_mid_run_checkpoint_holds_the_servers_state_and_resumes_exactly(tmp_path):
+    """A checkpoint written during training (by the first worker) holds the servers' parameters
+    and Adam moments after every worker's gradients of its step: resuming from step 8 ends
+    where the uninterrupted run ends, which is the global-batch oracle."""
+    from disttrain import checkpoint as ckpt
+
+    full = run_distributed(_train_ps_checkpointed, 3, str(tmp_path / "a"), 12, None, timeout=200)
+    mid = tmp_path / "a" / "checkpoints" / "step_00000008.pt"
+    state = ckpt.load(mid)
+    assert len(state["optimizer"]["state"]) == len(list(_model().parameters()))  # Adam state of every parameter
+    assert state["parameter_server"]["server_updates"] == [8]  # s = 0: one averaged update per step
+    assert all(int(st["step"]) == 8 for st in state["optimizer"]["state"].values())
+    resumed = run_distributed(_train_ps_checkpointed, 3, str(tmp_path / "b"), 12, str(mid), timeout=200)
+    oracle = _oracle(2, 12, "adam", 32)
+    for r in full + resumed:
+        assert r["steps"] == 12
+        _assert_close(r["params"], oracle, atol=1e-5)
+    for a, b in zip(full, resumed):
+        _assert_close(b["params"], a["params"], atol=1e-6)
+
+
 # ---------------------------------------------------------------------- bounded staleness
 @pytest.mark.timeout(240)
 def test_staleness_bound_is_enforced_with_a_straggler():

@@ -22,6 +22,14 @@ One ``torchrun`` launch: ranks ``0..num_servers-1`` are servers, the rest worker
   receive from any source, which the server uses for request headers; on GPUs the traffic is
   staged through host memory). Tags keep headers, gradients and parameters apart.
 
+Checkpoints during training are written by the first worker, but the servers hold the current
+parameters and the optimizer state (Adam's moments, ...). At a checkpoint every worker flushes its
+pending gradient and meets the others at a barrier; the writer then asks every server for a
+snapshot, which a server sends once every live worker's clock has reached the writer's and its
+queue is drained, so the checkpoint holds exactly the updates of the steps it is named after.
+Server versions and worker clocks are not saved: the staleness rules compare them only with each
+other, and a resumed run starts all of them at 0 together.
+
 A worker's push is deferred to the start of its next step (sent in one message with the next
 pull) so that its compute window runs from the reply to the next push, the straggler knob
 (``trainer.slowdown``) included; before any collective (``reduce``/``barrier``) a pending push
@@ -30,6 +38,7 @@ is flushed, so a worker waiting in a collective never holds the others back (no 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -52,9 +61,9 @@ log = logging.getLogger("disttrain")
 T = TypeVar("T")
 
 # message tags (one stream each)
-_HDR, _GRAD, _PARAM = 11, 12, 13
-# header flags
-_PUSH, _PULL, _DONE = 1, 2, 4
+_HDR, _GRAD, _PARAM, _SNAP_LEN, _SNAP_DATA = 11, 12, 13, 14, 15
+# header flags (_SNAP: send me your shard and its optimizer state, for a checkpoint)
+_PUSH, _PULL, _DONE, _SNAP = 1, 2, 4, 8
 # header layout (float64): flags, worker, clock, loss, samples, elapsed_s, wait_s, compute_s, reserved, lrs...
 _H_FIXED = 9
 _REPLY_PREFIX = 2  # reply: held_s, version, params...
@@ -185,6 +194,55 @@ class ParameterServerStrategy(Strategy):
             return True
         # during training only workers run the loop; the first one writes its copy
         return self.env.is_rank_zero if self._finished else self.env.rank == self.num_servers
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """During training (called by every worker): the servers' current parameters and optimizer
+        state, fetched by the writing worker after all workers' gradients up to now are applied."""
+        env = self.env
+        if self._finished or env is None or not env.is_distributed or self.is_server:
+            return super().state_dict(model, optimizer)
+        self.barrier()  # every worker's pending gradient is on its way to the servers
+        if not self.writes_checkpoint():
+            return super().state_dict(model, optimizer)
+        snaps = self._snapshot()
+        inner = self.unwrap(model)
+        current = [p.detach().clone() for p in self._params]
+        opt_state = dict(optimizer.state) if optimizer is not None else {}
+        try:
+            for j, snap in enumerate(snaps):
+                if self._numel[j]:
+                    self._unflat(j, snap["params"])
+                if optimizer is not None:
+                    for i, st in snap["optimizer"].items():
+                        p = self._params[i]
+                        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+            return {
+                "model": {k: v.detach().clone() for k, v in inner.state_dict().items()},
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "parameter_server": {"server_updates": [snap["updates"] for snap in snaps]},
+            }
+        finally:  # this worker goes on with the parameters it was sent (its staleness bookkeeping)
+            with torch.no_grad():
+                for p, c in zip(self._params, current):
+                    p.copy_(c)
+            if optimizer is not None:
+                optimizer.state.clear()
+                optimizer.state.update(opt_state)
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        """Ask every server for its shard and optimizer state (see the module docstring)."""
+        hdr = self._header(_SNAP, float("nan"), [])
+        sends = [dist.isend(hdr, dst=j, group=self._pg, tag=_HDR) for j in self.servers]
+        snaps = []
+        for j in self.servers:
+            n = torch.zeros(1, dtype=torch.int64)
+            dist.recv(n, src=j, group=self._pg, tag=_SNAP_LEN)
+            data = torch.empty(int(n), dtype=torch.uint8)
+            dist.recv(data, src=j, group=self._pg, tag=_SNAP_DATA)
+            snaps.append(torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True))
+        for w in sends:
+            w.wait()
+        return snaps
 
     # ------------------------------------------------------------------ model
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
@@ -366,6 +424,7 @@ class ParameterServerStrategy(Strategy):
         self._arrivals = 0
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._w = {r: _Worker(r) for r in self.workers}
+        self._snap_requests: list[tuple[int, int]] = []  # (worker rank, its clock)
         self._logger = logger
         self._window: list[int] = []
         self._window_losses: list[float] = []
@@ -388,6 +447,9 @@ class ParameterServerStrategy(Strategy):
 
     def _handle(self, msg: torch.Tensor) -> None:
         flags, r = int(msg[0]), int(msg[1])
+        if flags & _SNAP:
+            self._snap_requests.append((r, int(msg[2])))
+            return
         w = self._w[r]
         w.loss, w.samples, w.elapsed_s, w.wait_s, w.compute_s = (float(v) for v in msg[3:8])
         if flags & _PUSH:
@@ -416,14 +478,24 @@ class ParameterServerStrategy(Strategy):
         s = self.max_staleness
         while True:
             moved = False
+            live = [w.clock for w in self._w.values() if not w.done]
+            slowest = min(live) if live else 0
+            # pulls the clock rule lets through: answered below, with the current version
+            answerable = [w for w in self._w.values()
+                          if w.pull_since is not None and w.state == "idle" and (s is None or w.clock - slowest <= s)]
             queued = [w for w in self._w.values() if w.state == "queued"]
             if queued:
                 group: list[_Worker] | None = None
                 if s is None:
                     group = [min(queued, key=lambda w: w.arrival)]
                 else:
-                    out = [w for w in self._w.values() if w.state in ("computing", "queued")]
-                    bound = [w for w in out if self._version - w.version >= s]
+                    # A worker whose pull is answerable counts as computing on the current
+                    # version: at s = 0 its gradient belongs to this update, so the update waits
+                    # for it (applying first would hand it the next version: sequential SGD on
+                    # half batches, each gradient "0 stale", instead of one global-batch step).
+                    out = [(w, w.version) for w in self._w.values() if w.state in ("computing", "queued")]
+                    out += [(w, self._version) for w in answerable]
+                    bound = [w for w, v in out if self._version - v >= s]
                     if not bound:
                         group = [min(queued, key=lambda w: w.arrival)]
                     elif all(w.state == "queued" for w in bound):
@@ -431,14 +503,34 @@ class ParameterServerStrategy(Strategy):
                 if group:
                     self._apply(group)
                     moved = True
-            live = [w.clock for w in self._w.values() if not w.done]
-            slowest = min(live) if live else 0
-            for w in self._w.values():
-                if w.pull_since is not None and w.state == "idle" and (s is None or w.clock - slowest <= s):
-                    self._reply(w)
-                    moved = True
+            for w in answerable:
+                self._reply(w)
+                moved = True
             if not moved:
-                return
+                break
+        # a snapshot waits until every live worker's gradients up to the writer's step are applied
+        queued = any(w.state == "queued" for w in self._w.values())
+        for req in list(self._snap_requests):
+            if not queued and slowest >= req[1]:
+                self._send_snapshot(req[0])
+                self._snap_requests.remove(req)
+
+    def _send_snapshot(self, dst: int) -> None:
+        opt = self._optimizer
+        index = {id(p): i for i, p in enumerate(self._params)}
+        mine = set(self._mine)
+        state = {
+            "params": self._flat(self.env.rank),
+            "optimizer": {index[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                          for p, st in opt.state.items() if index.get(id(p)) in mine},
+            "updates": self.updates,
+        }
+        raw = io.BytesIO()
+        torch.save(state, raw)
+        data = torch.frombuffer(bytearray(raw.getvalue()), dtype=torch.uint8)
+        n = torch.tensor([data.numel()], dtype=torch.int64)
+        for t, tag in ((n, _SNAP_LEN), (data, _SNAP_DATA)):
+            self._sends.append((dist.isend(t, dst=dst, group=self._pg, tag=tag), t))
 
     def _apply(self, group: list[_Worker]) -> None:
         opt = self._optimizer
