@@ -173,7 +173,7 @@ def _train_ps_checkpointed(run_dir: str, steps: int, resume: str | None) -> dict
                       config=cfg, run_dir=Path(run_dir))
     trainer.fit()
     return {"params": {k: v.detach().clone() for k, v in s.unwrap(trainer.model).state_dict().items()},
-            "steps": trainer.step}
+            "steps": trainer.step, "staleness": list(s.strategy.staleness_log), "updates": s.strategy.updates}
 
 
 @pytest.mark.timeout(300)
@@ -187,7 +187,8 @@ def test_mid_run_checkpoint_holds_the_servers_state_and_resumes_exactly(tmp_path
     mid = tmp_path / "a" / "checkpoints" / "step_00000008.pt"
     state = ckpt.load(mid)
     assert len(state["optimizer"]["state"]) == len(list(_model().parameters()))  # Adam state of every parameter
-    assert state["parameter_server"]["server_updates"] == [8]  # s = 0: one averaged update per step
+    # s = 0: one averaged update per step; versions and clocks are saved for the resumed run
+    assert state["parameter_server"] == {"server_updates": [8], "server_versions": [8], "worker_clock": 8}
     assert all(int(st["step"]) == 8 for st in state["optimizer"]["state"].values())
     resumed = run_distributed(_train_ps_checkpointed, 3, str(tmp_path / "b"), 12, str(mid), timeout=200)
     oracle = _oracle(2, 12, "adam", 32)
@@ -196,6 +197,9 @@ def test_mid_run_checkpoint_holds_the_servers_state_and_resumes_exactly(tmp_path
         _assert_close(r["params"], oracle, atol=1e-5)
     for a, b in zip(full, resumed):
         _assert_close(b["params"], a["params"], atol=1e-6)
+    # the resumed server continued the clocks: it applied steps 9..12 of both workers, 0 stale
+    assert resumed[0]["updates"] == 12
+    assert sorted(resumed[0]["staleness"]) == [(w, c, 0) for w in (1, 2) for c in range(9, 13)]
 
 
 # ---------------------------------------------------------------------- bounded staleness

@@ -27,8 +27,8 @@ parameters and the optimizer state (Adam's moments, ...). At a checkpoint every 
 pending gradient and meets the others at a barrier; the writer then asks every server for a
 snapshot, which a server sends once every live worker's clock has reached the writer's and its
 queue is drained, so the checkpoint holds exactly the updates of the steps it is named after.
-Server versions and worker clocks are not saved: the staleness rules compare them only with each
-other, and a resumed run starts all of them at 0 together.
+The checkpoint also holds each server's version and update count and the workers' clock (equal
+at a checkpoint), which a resumed run starts from: staleness records and logs continue.
 
 A worker's push is deferred to the start of its next step (sent in one message with the next
 pull) so that its compute window runs from the reply to the next push, the straggler knob
@@ -219,7 +219,11 @@ class ParameterServerStrategy(Strategy):
             return {
                 "model": {k: v.detach().clone() for k, v in inner.state_dict().items()},
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "parameter_server": {"server_updates": [snap["updates"] for snap in snaps]},
+                "parameter_server": {
+                    "server_updates": [snap["updates"] for snap in snaps],
+                    "server_versions": [snap["version"] for snap in snaps],
+                    "worker_clock": self._clock,  # every worker's, after the barrier
+                },
             }
         finally:  # this worker goes on with the parameters it was sent (its staleness bookkeeping)
             with torch.no_grad():
@@ -228,6 +232,15 @@ class ParameterServerStrategy(Strategy):
             if optimizer is not None:
                 optimizer.state.clear()
                 optimizer.state.update(opt_state)
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        super().load_state_dict(model, optimizer, state)
+        ps = state.get("parameter_server")
+        if ps and self.env is not None and len(ps["server_versions"]) == len(self.servers):
+            self._clock = int(ps["worker_clock"])
+            if self.is_server:
+                me = self.env.rank
+                self._resume = (int(ps["server_versions"][me]), int(ps["server_updates"][me]), self._clock)
 
     def _snapshot(self) -> list[dict[str, Any]]:
         """Ask every server for its shard and optimizer state (see the module docstring)."""
@@ -420,10 +433,11 @@ class ParameterServerStrategy(Strategy):
         me = self.env.rank
         self._mine = self.shards[me]
         self._n = self._numel[me]
-        self._version = 0
+        # a resumed run continues the saved version, update count and clocks (load_state_dict)
+        self._version, self.updates, clock = getattr(self, "_resume", (0, 0, 0))
         self._arrivals = 0
         self._sends: list[tuple[Any, torch.Tensor]] = []
-        self._w = {r: _Worker(r) for r in self.workers}
+        self._w = {r: _Worker(r, clock=clock, version=self._version) for r in self.workers}
         self._snap_requests: list[tuple[int, int]] = []  # (worker rank, its clock)
         self._logger = logger
         self._window: list[int] = []
@@ -524,6 +538,7 @@ class ParameterServerStrategy(Strategy):
             "optimizer": {index[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
                           for p, st in opt.state.items() if index.get(id(p)) in mine},
             "updates": self.updates,
+            "version": self._version,
         }
         raw = io.BytesIO()
         torch.save(state, raw)
