@@ -213,9 +213,7 @@ class ParameterServerStrategy(Strategy):
                 if self._numel[j]:
                     self._unflat(j, snap["params"])
                 if optimizer is not None:
-                    for i, st in snap["optimizer"].items():
-                        p = self._params[i]
-                        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+                    self._set_shard_optimizer_state(optimizer, snap["optimizer"])
             return {
                 "model": {k: v.detach().clone() for k, v in inner.state_dict().items()},
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -241,6 +239,19 @@ class ParameterServerStrategy(Strategy):
             if self.is_server:
                 me = self.env.rank
                 self._resume = (int(ps["server_versions"][me]), int(ps["server_updates"][me]), self._clock)
+
+    def _shard_optimizer_state(self, j: int) -> dict[int, dict[str, Any]]:
+        """The optimizer state of server ``j``'s parameters, by parameter index, on the CPU (to send)."""
+        index = {id(p): i for i, p in enumerate(self._params)}
+        mine = set(self.shards[j])
+        return {index[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for p, st in self._optimizer.state.items() if index.get(id(p)) in mine}
+
+    def _set_shard_optimizer_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
+        """Put what ``_shard_optimizer_state`` sent into ``optimizer``, on the parameters' devices."""
+        for i, st in states.items():
+            p = self._params[i]
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
 
     def _snapshot(self) -> list[dict[str, Any]]:
         """Ask every server for its shard and optimizer state (see the module docstring)."""
@@ -530,13 +541,10 @@ class ParameterServerStrategy(Strategy):
                 self._snap_requests.remove(req)
 
     def _send_snapshot(self, dst: int) -> None:
-        opt = self._optimizer
-        index = {id(p): i for i, p in enumerate(self._params)}
-        mine = set(self._mine)
+        me = self.env.rank
         state = {
-            "params": self._flat(self.env.rank),
-            "optimizer": {index[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                          for p, st in opt.state.items() if index.get(id(p)) in mine},
+            "params": self._flat(me),
+            "optimizer": self._shard_optimizer_state(me),
             "updates": self.updates,
             "version": self._version,
         }
@@ -632,17 +640,11 @@ class ParameterServerStrategy(Strategy):
                 off += b.numel()
         opt = self._optimizer
         if opt is not None:
-            index = {id(p): i for i, p in enumerate(self._params)}
             for j in self.servers:
-                obj: list[Any] = [None]
-                if me == j:
-                    obj = [{index[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                            for p, st in opt.state.items() if id(p) in index and index[id(p)] in set(self.shards[j])}]
+                obj: list[Any] = [self._shard_optimizer_state(j) if me == j else None]
                 dist.broadcast_object_list(obj, src=j, group=self._pg)
                 if me != j:
-                    for i, st in obj[0].items():
-                        p = self._params[i]
-                        opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+                    self._set_shard_optimizer_state(opt, obj[0])
         gathered: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(gathered, self._local_stats(), group=self._pg)
         self._gathered = gathered
