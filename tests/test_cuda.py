@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.distributed import run_python, run_torchrun
+from tests.test_cli import _only_run_dir
 from tests.oracle import LR, assert_same_state, sgd_reference
 from tests.oracle import regression_data as _data
 from tests.oracle import tiny_model as _model
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 ATOL = 1e-5
 K_STEPS = 6
-
-
-def _only_run_dir(cwd: Path) -> Path:
-    dirs = [p for p in (cwd / "outputs").iterdir() if p.is_dir()]
-    assert len(dirs) == 1, f"expected exactly one run directory, found {dirs}"
-    return dirs[0]
 
 
 @pytest.fixture(autouse=True)
