@@ -14,13 +14,11 @@ by ~1e-2.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.distributed import ROOT, run_distributed, run_torchrun
+from tests.distributed import ROOT, run_distributed, run_python, run_torchrun
 from tests.oracle import LR, assert_same_state, gathered_batches
 from tests.oracle import regression_data as _data
 from tests.oracle import sgd_reference as _reference
@@ -144,8 +142,8 @@ def test_cli_trains_digits(tmp_path):
 
 
 # --------------------------------------------------------------------------- failing fast
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _run(code: str):
+    return run_python(["-c", code], cwd=ROOT)
 
 
 def test_missing_deepspeed_says_how_to_install():
