@@ -2,22 +2,36 @@
 
 Layout of a checkpoint directory::
 
-    ckpt/step_00000100.pt   complete checkpoints (written to a temp file, fsynced, renamed)
-    ckpt/latest             text file naming the newest complete checkpoint (replaced atomically)
+    ckpt/step_00000100.pt       complete checkpoints (written to a temp file, fsynced, renamed)
+    ckpt/step_00000100.shards/  for strategies that shard their state (FSDP, pipeline stages,
+                                ZeRO): every rank's shard, written before the .pt file, which is
+                                then a small manifest and the checkpoint's completion marker
+    ckpt/latest                 text file naming the newest complete checkpoint (replaced atomically)
+    ckpt/index.json             which run lineage wrote which checkpoint, in writing order
+                                (kept by rotating saves: ``keep_last``)
 
 A crash at any moment leaves either the old pointer and old files, or the new ones: never a
 pointer to a partial file. Loading uses ``torch.load(weights_only=True)``, which refuses pickles
-that would run code.
+that would run code; sharded checkpoints are read through ``torch.distributed.checkpoint`` with
+its two pickle paths (the ``.metadata`` file and non-tensor values) restricted the same way.
+
+Rotation (``keep_last``) deletes only checkpoints of the writer's own *lineage* (a run and the
+runs resumed from it), oldest written first, and never the one ``latest`` names: a directory that
+also holds another run's files keeps them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import pickle
 import random
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +41,8 @@ import torch
 log = logging.getLogger(__name__)
 
 POINTER = "latest"
+INDEX = "index.json"
+SHARDS_SUFFIX = ".shards"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -47,9 +63,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save(state: dict[str, Any], directory: Path, name: str, keep_last: int | None = None) -> Path:
-    """Write ``state`` as ``directory/name`` atomically, then advance the ``latest`` pointer.
-    With ``keep_last``, older complete checkpoints beyond that many are deleted afterwards."""
+def shards_dir(path: Path) -> Path:
+    """Where the shards of checkpoint ``path`` live: ``step_N.pt`` -> ``step_N.shards/``."""
+    path = Path(path)
+    return path.with_name(path.stem + SHARDS_SUFFIX)
+
+
+def save(
+    state: dict[str, Any], directory: Path, name: str, keep_last: int | None = None, lineage: str | None = None
+) -> Path:
+    """Write ``state`` as ``directory/name`` atomically, then advance the ``latest`` pointer and
+    record ``name`` under ``lineage`` in the index. With ``keep_last``, the lineage's older
+    checkpoints beyond that many (by writing order) are deleted afterwards, shards included."""
     directory = Path(directory)
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -58,10 +83,42 @@ def save(state: dict[str, Any], directory: Path, name: str, keep_last: int | Non
     atomic_write_bytes(path, buf.getvalue())
     atomic_write_bytes(directory / POINTER, name.encode())
     if keep_last:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            with contextlib.suppress(OSError):
-                old.unlink()
+        rotate(directory, name, keep_last, lineage or "")
     return path
+
+
+def rotate(directory: Path, name: str, keep_last: int, lineage: str) -> None:
+    """Record ``name`` in the index under ``lineage``, then delete that lineage's checkpoints
+    beyond the newest ``keep_last`` written. Files the index does not list (written without
+    rotation, or by another tool) and other lineages' files are never touched."""
+    entries = [e for e in read_index(directory) if e["name"] != name and (directory / e["name"]).exists()]
+    entries.append({"name": name, "lineage": lineage, "time": time.time()})
+    mine = [e for e in entries if e.get("lineage") == lineage]
+    for old in mine[:-keep_last]:
+        remove_checkpoint(directory / old["name"])
+        entries.remove(old)
+    atomic_write_bytes(directory / INDEX, json.dumps(entries, indent=1).encode())
+
+
+def read_index(directory: Path) -> list[dict[str, Any]]:
+    """The index's entries (oldest written first); ``[]`` if there is none or it is unreadable."""
+    try:
+        entries = json.loads((Path(directory) / INDEX).read_text())
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    except (OSError, ValueError):
+        return []
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete checkpoint ``path`` and its shards, unless ``latest`` names it."""
+    path = Path(path)
+    pointer = path.parent / POINTER
+    with contextlib.suppress(OSError):
+        if pointer.read_text().strip() == path.name:
+            return
+    with contextlib.suppress(OSError):
+        path.unlink()
+    shutil.rmtree(shards_dir(path), ignore_errors=True)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -109,6 +166,98 @@ def find_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
         except Exception as exc:  # corrupt, truncated, or refused by weights_only
             log.warning("skipping checkpoint %s: it does not load (%s)", path, describe_load_error(exc))
     return None
+
+
+# ---------------------------------------------------------------------- sharded state (DCP)
+def save_sharded(state: dict[str, Any], directory: Path) -> None:
+    """Every rank writes its part of ``state`` (tensors, DTensors, plain values) into
+    ``directory`` with ``torch.distributed.checkpoint``: no rank gathers another's shard.
+    Collective over the default group. A partial directory of an earlier crashed save under the
+    same name is cleared first. The caller writes the manifest (the completion marker) after."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        dist.barrier()
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=not distributed)
+
+
+def load_sharded(state: dict[str, Any], directory: Path) -> None:
+    """Load ``directory`` (written by ``save_sharded``, at any world size) into ``state`` in
+    place: each rank reads the parts its tensors' placements need (resharding as DCP does).
+    Refuses code: the metadata file is unpickled with an allow-list of DCP's own classes, and
+    non-tensor values load with ``weights_only=True`` (torch's default planner allows any pickle)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} holds no sharded checkpoint (no .metadata file)")
+    with open(directory / ".metadata", "rb") as f:  # a clear error before DCP's collective plan
+        _RestrictedUnpickler(f).load()
+    distributed = dist.is_available() and dist.is_initialized()
+    dcp.load(state, storage_reader=_SafeReader(str(directory)), planner=_safe_planner(), no_dist=not distributed)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata: its own dataclasses, torch sizes/dtypes/layouts, paths."""
+
+    _MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+    _NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+              ("builtins", "frozenset"), ("builtins", "slice")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (module in self._MODULES and not name.startswith("__")) or (module, name) in self._NAMES
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            ok = True
+        if not ok:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name} from a checkpoint's metadata: a sharded disttrain checkpoint "
+                f"never needs it; the file may be malicious"
+            )
+        return super().find_class(module, name)
+
+
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _RestrictedUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _SafeReader(path: str) -> Any:  # noqa: N802 (a class made on first use: DCP imports lazily)
+    return _safe_reader_class()(path)
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
 
 
 # ---------------------------------------------------------------------- RNG states

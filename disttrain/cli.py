@@ -12,14 +12,18 @@ import logging
 import os
 import sys
 import time
+import typing
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from disttrain import schema
 from disttrain.env import DistEnv, agent_store
 from disttrain.errors import ConfigError
+from disttrain.preemption import EXIT_PREEMPTED, Preempted
 from disttrain.registry import CONF_DIR, build_strategy, instantiate
 
 log = logging.getLogger("disttrain")
@@ -91,30 +95,109 @@ def register_resolvers() -> None:
 
 
 # ---------------------------------------------------------------------- validation
-def validate(cfg: DictConfig, env: DistEnv):
-    """Check the composed config against the environment; return the (cheap) strategy object.
-    Raises ConfigError naming the bad value and the fix."""
-    from disttrain.trainer import TrainerConfig
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's own top-level values (``conf/config.yaml``) and the data group's plain ones,
+    type-checked from these annotations, then range-checked."""
 
-    for group in ("model", "data.dataset", "optimizer", "data.loss"):
-        node = OmegaConf.select(cfg, group)
-        if node is None or not node.get("_target_"):
-            raise ConfigError(
-                f"{group} has no _target_: set {group}._target_ to the import path of a class or function, "
-                f"or pick a config from conf/ (e.g. {group.split('.')[0]}=...)"
-            )
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["32", "bf16"] = "32"
+    backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
+    timeout_s: float = 120.0
+    num_threads: int | None = 1
+    batch_size: int = 64
+    num_workers: int = 0
+    metric: str | None = None
+
+    KEYS = {"seed": "seed", "accelerator": "accelerator", "precision": "precision", "backend": "dist.backend",
+            "timeout_s": "dist.timeout_s", "num_threads": "dist.num_threads", "batch_size": "data.batch_size",
+            "num_workers": "data.num_workers", "metric": "data.metric"}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "AppSettings":
+        values = {}
+        for name, key in cls.KEYS.items():
+            value = OmegaConf.select(cfg, key, default=None)
+            if name == "precision" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # `precision=32` on the command line arrives as an int
+            if value is not None or name in ("num_threads", "metric"):
+                values[name] = value
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for name, key in self.KEYS.items():
+            schema.check(key, getattr(self, name), hints[name])
+        from disttrain.trainer import METRICS
+
+        rules = [
+            ("dist.timeout_s", self.timeout_s, self.timeout_s > 0, "must be > 0 (seconds a collective may wait)"),
+            ("dist.num_threads", self.num_threads, self.num_threads is None or self.num_threads >= 1,
+             "must be >= 1 or null (torch's default)"),
+            ("data.batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1 (the global batch)"),
+            ("data.num_workers", self.num_workers, self.num_workers >= 0, "must be >= 0"),
+            ("data.metric", self.metric, self.metric is None or self.metric in METRICS,
+             f"expected one of {sorted(METRICS)} or null"),
+        ]
+        for key, value, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+TARGETS = ("model", "data.dataset", "optimizer", "data.loss")
+
+
+def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
+    """Check the composed config against the environment, on every rank, before any process
+    group exists: types and ranges of every group, that each ``_target_`` imports and accepts
+    the keys given to it, the strategy's options, the batch split, and that the checkpoint
+    directory can be written. Returns the (cheap) strategy object and the Trainer's options.
+    Raises ConfigError naming the bad value and the fix."""
+    from disttrain.trainer import TrainerConfig, check_checkpoint_dir
+
+    settings = AppSettings.from_config(cfg)
+    for group in TARGETS:
+        check_target(cfg, group, required=True)
+    check_target(cfg, "scheduler", required=False)
     strategy = build_strategy(cfg.strategy)
     strategy.validate(env)
-    trainer_cfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
     _, dp = strategy.data_shard(env)
-    batch = int(cfg.data.batch_size)
-    if batch < 1 or batch % dp:
+    batch = settings.batch_size
+    if batch % dp:
         ok = [dp * k for k in range(1, 5)]
         raise ConfigError(
             f"data.batch_size={batch} is not divisible by the {dp} data-parallel ranks of strategy "
             f"{strategy.name} at world size {env.world_size}: use a multiple of {dp}, e.g. {ok}"
         )
+    check_checkpoint_dir(run_dir / "checkpoints" if run_dir is not None else None, trainer_cfg.resume)
     return strategy, trainer_cfg
+
+
+def check_target(cfg: DictConfig, group: str, required: bool) -> None:
+    """``group._target_`` names something importable that accepts the group's other keys."""
+    from hydra._internal.utils import _locate
+
+    node = OmegaConf.select(cfg, group)
+    target = node.get("_target_") if node is not None else None
+    if not target:
+        if required:
+            raise ConfigError(
+                f"{group} has no _target_: set {group}._target_ to the import path of a class or function, "
+                f"or pick a config from conf/ (e.g. {group.split('.')[0]}=...)"
+            )
+        return
+    try:
+        obj = _locate(str(target))
+    except Exception as exc:
+        raise ConfigError(
+            f"{group}._target_={target!r} cannot be imported ({str(exc).splitlines()[0][:200]}): give the full import "
+            f"path of a class or function, e.g. {group}._target_=my_package.module.Name"
+        ) from exc
+    values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    if callable(obj):
+        schema.check_call(obj, values, group)
 
 
 # ---------------------------------------------------------------------- the job
@@ -126,27 +209,28 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
 
     env = DistEnv.from_environ()
     configure_logging(env.rank, run_dir if env.is_rank_zero else None)
-    strategy, trainer_cfg = validate(cfg, env)
+    strategy, trainer_cfg = validate(cfg, env, run_dir)
     config_checked(failed=False)
+    settings = AppSettings.from_config(cfg)
     session = Session(
         strategy,
         env=env,
-        accelerator=cfg.accelerator,
-        precision=str(cfg.precision),
-        backend=cfg.dist.backend,
-        timeout_s=float(cfg.dist.timeout_s),
-        num_threads=cfg.dist.num_threads,
+        accelerator=settings.accelerator,
+        precision=settings.precision,
+        backend=settings.backend,
+        timeout_s=float(settings.timeout_s),
+        num_threads=settings.num_threads,
         gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
         grad_clip=trainer_cfg.grad_clip,
-        seed=int(cfg.seed),
+        seed=settings.seed,
     )
     try:
         if env.is_rank_zero:
             log.info("run directory: %s", run_dir)
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
         train_data, eval_data = instantiate(cfg.data.dataset, "data.dataset")
-        seed_everything(int(cfg.seed))  # same initial weights on every rank
-        model = session.strategy.build_model(lambda: instantiate(cfg.model, "model"))
+        seed_everything(settings.seed)  # same initial weights on every rank
+        model = session.build_model(lambda: instantiate(cfg.model, "model"))
         optimizer = instantiate(cfg.optimizer, "optimizer", params=model.parameters())
         sched_cfg = cfg.get("scheduler")
         scheduler = partial(instantiate, sched_cfg, "scheduler") if sched_cfg and sched_cfg.get("_target_") else None
@@ -157,13 +241,13 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
             loss_fn=instantiate(cfg.data.loss, "data.loss"),
             train_data=train_data,
             eval_data=eval_data,
-            batch_size=int(cfg.data.batch_size),
-            metric=cfg.data.get("metric"),
+            batch_size=settings.batch_size,
+            metric=settings.metric,
             config=trainer_cfg,
             scheduler_factory=(lambda opt: scheduler(optimizer=opt)) if scheduler else None,
             run_dir=run_dir,
-            num_workers=int(cfg.data.get("num_workers", 0)),
-            seed=int(cfg.seed),
+            num_workers=settings.num_workers,
+            seed=settings.seed,
             hparams=_flat_hparams(cfg),
         )
         del model, optimizer
@@ -195,6 +279,9 @@ def _hydra_entry(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         train(cfg, run_dir)
+    except Preempted as exc:
+        print(f"disttrain: rank {_rank()}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except ConfigError as exc:
         _record_error(exc)
         print(f"disttrain: config error (rank {_rank()}): {exc}", file=sys.stderr, flush=True)

@@ -188,6 +188,39 @@ def agent_store(timeout_s: float = 60.0):
     )
 
 
+BIND_ENV = "DISTTRAIN_BIND_ADDR"
+
+
+def listen_address(env: DistEnv) -> str:
+    """The address this process's listeners bind to (gloo/NCCL pair sockets, a store or a
+    Horovod rendezvous it serves): ``DISTTRAIN_BIND_ADDR`` if set; loopback when the whole job
+    runs on one machine; otherwise ``""`` (every interface, torch's default: set
+    ``DISTTRAIN_BIND_ADDR`` to the node's private-network address to narrow it)."""
+    if os.environ.get(BIND_ENV):
+        return os.environ[BIND_ENV]
+    return "127.0.0.1" if env.num_nodes == 1 else ""
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (``127.0.0.1`` -> ``lo``), or None."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    return None
+
+
+def bind_listeners(env: DistEnv) -> None:
+    """Make gloo and NCCL listen on ``listen_address(env)`` (through their ``*_SOCKET_IFNAME``
+    variables, unless the user set them): on one machine nothing listens beyond loopback."""
+    address = listen_address(env)
+    iface = interface_of(address) if address else None
+    if iface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+
+
 def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: torch.device) -> bool:
     """Start the default process group if the job has more than one process. Idempotent."""
     import torch.distributed as dist
@@ -196,7 +229,8 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: tor
         return False
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    kwargs = {}
+    bind_listeners(env)
+    kwargs: dict = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
@@ -209,9 +243,24 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float, device: tor
         # Namespacing the keys by the restart count makes every attempt rendezvous afresh.
         kwargs["store"] = dist.PrefixStore(f"/disttrain/attempt_{env.restart_count}", store)
     else:
-        kwargs["init_method"] = "env://"
+        kwargs["store"] = _own_store(env, timeout)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
     return True
+
+
+def _own_store(env: DistEnv, timeout: _dt.timedelta):
+    """Without torchrun's agent store: rank 0 serves a TCPStore on ``MASTER_PORT``, listening on
+    ``listen_address`` only (``init_method="env://"`` would listen on every interface)."""
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if env.rank != 0:
+        return dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
+    from disttrain.torchrun import bound_listen_socket
+
+    address = listen_address(env) or ("::" if ":" in host else "0.0.0.0")
+    sock = bound_listen_socket(address, port)
+    return dist.TCPStore(host, port, env.world_size, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
 
 
 def destroy_process_group() -> None:

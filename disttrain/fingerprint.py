@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch.distributed as dist
 from torch import nn
 
 from disttrain.errors import ConfigError
-
-if TYPE_CHECKING:
-    from disttrain.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +55,13 @@ def first_difference(ref: Mapping[str, str], other: Mapping[str, str]) -> tuple[
     return None
 
 
-def verify(session: "Session", model: nn.Module, config: Mapping[str, Any] | None = None) -> str:
+def verify(model: nn.Module, config: Mapping[str, Any] | None, key: str, rank: int) -> str:
     """Compare ``model`` (the user's module, before wrapping) and ``config`` across all ranks.
-    Models are compared among ranks with the same ``Strategy.replica_key`` (pipeline stages
-    differ by design); the config among all ranks. Raises DesyncError on every rank on a
+    Models are compared among ranks with the same ``key`` (``Strategy.replica_key``: pipeline
+    stages differ by design); the config among all ranks. Raises DesyncError on every rank on a
     mismatch; returns this rank's fingerprint digest otherwise."""
-    key = session.strategy.replica_key(session.env)
     models, configs = model_entries(model), config_entries(config)
-    mine = (session.rank, key, digest(models), digest(configs))
+    mine = (rank, key, digest(models), digest(configs))
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine[2]
     world = dist.get_world_size()
@@ -77,7 +73,7 @@ def verify(session: "Session", model: nn.Module, config: Mapping[str, Any] | Non
         return mine[2]
     # Something differs: fetch the entries (rarely: only on the failure path) to name it.
     full: list[Any] = [None] * world
-    dist.all_gather_object(full, (session.rank, key, models, configs))
+    dist.all_gather_object(full, (rank, key, models, configs))
     problems = []
     ref_config = full[0]
     for rank, k, m, c in full[1:]:

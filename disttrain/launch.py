@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from disttrain.preemption import EXIT_PREEMPTED
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ROOT / "launchers"
 DEFAULT_RDZV_PORT = 29500
@@ -67,19 +69,25 @@ def torchrun_args(spec: TorchrunSpec) -> list[str]:
     return args + list(spec.extra)
 
 
+#: torchrun with its stores (and, through DISTTRAIN_BIND_ADDR, its workers' listeners) bound to
+#: loopback on one machine or to DISTTRAIN_BIND_ADDR: see disttrain/torchrun.py
+TORCHRUN = ("python", "-m", "disttrain.torchrun")
+
+
 def command(
     spec: TorchrunSpec,
     overrides: Sequence[str] = (),
-    torchrun: Sequence[str] = ("torchrun",),
+    torchrun: Sequence[str] = TORCHRUN,
     module: str = "disttrain",
 ) -> list[str]:
-    """The whole command: ``torchrun <options> -m disttrain <Hydra overrides>``. Pass
-    ``torchrun=(sys.executable, "-m", "torch.distributed.run")`` to use this interpreter's torch."""
+    """The whole command: ``python -m disttrain.torchrun <options> -m disttrain <overrides>``
+    (torchrun's arguments; plain ``torchrun`` would listen on every interface). Pass
+    ``torchrun=this_python_torchrun()`` to use this interpreter."""
     return [*torchrun, *torchrun_args(spec), "-m", module, *overrides]
 
 
 def this_python_torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run"]
+    return [sys.executable, "-m", "disttrain.torchrun"]
 
 
 # ------------------------------------------------------------------------------ the recipes
@@ -93,17 +101,20 @@ MULTINODE = TorchrunSpec(
 SLURM = TorchrunSpec(
     nproc_per_node='"$NPROC"', nnodes='"$SLURM_JOB_NUM_NODES"', rdzv_endpoint='"$head_node:$RDZV_PORT"',
     rdzv_id='"$SLURM_JOB_ID"', max_restarts='"$MAX_RESTARTS"',
+    # forward SLURM's USR1 warning to the workers (they checkpoint and exit 75), and give them
+    # time to do it before the agent kills them
+    extra=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", '--shutdown-timeout="$GRACE_S"'),
 )
 # Kubeflow PyTorchJob: the training operator sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
 # PET_MASTER_ADDR/PORT (and PET_RDZV_* with an elasticPolicy); torchrun reads its options from them.
-KUBERNETES = TorchrunSpec(nproc_per_node=None, nnodes=None, rdzv_endpoint=None)
+KUBERNETES = TorchrunSpec(nproc_per_node=None, nnodes=None, rdzv_endpoint=None, extra=("--shutdown-timeout=100",))
 
 
 def _shell(cmd: Sequence[str], indent: str = "  ") -> str:
     """One command over several lines, one option per line (``-m module`` stays together)."""
     parts: list[str] = []
     for arg in cmd:
-        if parts and parts[-1] == "-m":
+        if parts and (parts[-1].split(" ")[-1] == "-m" or (arg == "-m" and parts[-1] == "python")):
             parts[-1] += " " + arg
         else:
             parts.append(arg)
@@ -157,26 +168,45 @@ def emit_slurm() -> str:
 # rendezvous is on the first node of the allocation. Submit as is, Hydra overrides after the script:
 #   sbatch launchers/slurm/train.sbatch experiment=digits_ddp trainer.max_epochs=20
 #   sbatch --nodes=4 --gpus-per-node=8 launchers/slurm/train.sbatch strategy=ddp
-# The run directory is outputs/slurm-<job id> (DISTTRAIN_RUN_ID): a requeued job keeps it, so
+# The run directory is outputs/slurm-<job id> (DISTTRAIN_RUN_ID): a requeued job keeps it, and
 # trainer.resume=auto continues from its last checkpoint.
+# Preemption and time limits: SLURM sends this script USR1 90 s before it stops the job; the trap
+# passes it to every worker (through srun and torchrun), each finishes its step, the job writes a
+# checkpoint, the workers exit with 75, and the script requeues the job.
+# The rendezvous and the workers listen on the node's address on the network that reaches the
+# first node (or DISTTRAIN_BIND_ADDR), never on every interface.
 #SBATCH --job-name=disttrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=01:00:00
 #SBATCH --output=slurm-%j.out
+#SBATCH --signal=B:USR1@90
+#SBATCH --requeue
 ##SBATCH --gpus-per-node=4
 ##SBATCH --partition=gpu
-{HEADER.format(name="slurm")}set -euo pipefail
+{HEADER.format(name="slurm")}set -uo pipefail
 NPROC="${{NPROC:-${{SLURM_GPUS_ON_NODE:-1}}}}"
 RDZV_PORT="${{RDZV_PORT:-{DEFAULT_RDZV_PORT}}}"
 MAX_RESTARTS="${{MAX_RESTARTS:-3}}"
+GRACE_S="${{GRACE_S:-80}}"
 head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"  # sed reads all: no SIGPIPE
 export DISTTRAIN_RUN_ID="${{DISTTRAIN_RUN_ID:-slurm-$SLURM_JOB_ID}}"
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-1}}"
 echo "disttrain: $SLURM_JOB_NUM_NODES nodes x $NPROC processes, rendezvous $head_node:$RDZV_PORT"
+preempted=0
+trap 'preempted=1; echo "disttrain: USR1 from SLURM: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
-  {_shell(command(SLURM, ['"$@"']))}
+  {_shell(command(SLURM, ['"$@"']))} &
+srun_pid=$!
+rc=0
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; rc=$?; done  # wait returns early on USR1
+if [ "$preempted" = 1 ] || [ "$rc" = {EXIT_PREEMPTED} ]; then
+  echo "disttrain: requeueing job $SLURM_JOB_ID (trainer.resume=auto continues it)"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
 """
 
 
@@ -190,6 +220,10 @@ PYTORCHJOB_CONTAINER = """\
               env:
                 - name: OMP_NUM_THREADS
                   value: "1"
+                - name: DISTTRAIN_BIND_ADDR   # listen on the pod's address only
+                  valueFrom:
+                    fieldRef:
+                      fieldPath: status.podIP
                 - name: DISTTRAIN_RUN_ID      # run directory outputs/<job name>: kept when pods restart
                   valueFrom:
                     fieldRef:
@@ -239,6 +273,7 @@ spec:
       restartPolicy: OnFailure
       template:
         spec:
+          terminationGracePeriodSeconds: 120   # SIGTERM: workers checkpoint, then exit (resume=auto)
           containers:
 {_pytorchjob_container()}
     Worker:
@@ -246,6 +281,7 @@ spec:
       restartPolicy: OnFailure
       template:
         spec:
+          terminationGracePeriodSeconds: 120   # SIGTERM: workers checkpoint, then exit (resume=auto)
           containers:
 {_pytorchjob_container()}
 """
@@ -276,6 +312,7 @@ spec:
       restartPolicy: OnFailure
       template:
         spec:
+          terminationGracePeriodSeconds: 120   # SIGTERM: workers checkpoint, then exit (resume=auto)
           containers:
 {_pytorchjob_container()}
 """

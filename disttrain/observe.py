@@ -38,13 +38,12 @@ def configure_logging(rank: int, run_dir: Path | None, level: int = logging.INFO
 
 
 class RunLogger:
-    """Rank-0 TensorBoard writer (one event file per run) plus the loss history for the plot."""
+    """Rank-0 TensorBoard writer (one event file per run), eval history and plots."""
 
     def __init__(self, run_dir: Path | None, enabled: bool) -> None:
         self.enabled = enabled and run_dir is not None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writer = None
-        self.history: list[tuple[int, float]] = []  # (step, loss) on the main process
         self.evals: list[tuple[int, dict[str, float]]] = []
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -66,10 +65,6 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_text(tag, text)
 
-    def loss(self, step: int, value: float) -> None:
-        if self.enabled:
-            self.history.append((step, value))
-
     def eval(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.enabled:
             self.evals.append((step, dict(metrics)))
@@ -89,9 +84,10 @@ class RunLogger:
         for k, v in final.items():
             self.writer.add_scalar(k, v)
 
-    def plot(self, name: str = "loss.png") -> Path | None:
-        """Training loss over steps (and eval metrics, if any) as a PNG in the run directory."""
-        if not self.enabled or not self.history:
+    def plot(self, history: Sequence[tuple[int, float]], name: str = "loss.png") -> Path | None:
+        """Training loss over steps (``history``: ``(step, loss)``; and eval loss, if any) as a
+        PNG in the run directory."""
+        if not self.enabled or not history:
             return None
         import matplotlib
 
@@ -99,7 +95,7 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        steps, losses = zip(*self.history)
+        steps, losses = zip(*history)
         ax.plot(steps, losses, lw=1, label="train loss (rank 0)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")

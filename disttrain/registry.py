@@ -72,6 +72,18 @@ def build_strategy(strategy: Any, **options: Any):
         cfg = OmegaConf.create(dict(strategy) if not isinstance(strategy, DictConfig) else strategy)
     if options:
         cfg = OmegaConf.merge(cfg, options)
+    target = cfg.get("_target_")
+    if target:
+        from hydra._internal.utils import _locate
+
+        from disttrain import schema
+
+        try:
+            cls = _locate(str(target))
+        except Exception as exc:
+            raise ConfigError(f"strategy._target_={target!r} cannot be imported ({str(exc).splitlines()[0][:200]})") from exc
+        values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not str(k).startswith("_")}
+        schema.check_call(cls, values, "strategy")
     obj = instantiate(cfg, "strategy")
     if not isinstance(obj, Strategy):
         raise ConfigError(f"strategy._target_={cfg.get('_target_')} built a {type(obj).__name__}, not a disttrain Strategy")

@@ -18,20 +18,24 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader
 
-from disttrain import checkpoint as ckpt
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
+from disttrain.loaders import ShardedLoader, shard_loader
 from disttrain.registry import build_strategy
+from disttrain.state import RunState
 from disttrain.strategies.base import RunOptions, Strategy
 from disttrain.timing import StepTimer
+
+if TYPE_CHECKING:
+    from disttrain.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +59,7 @@ class Session:
         gradient_accumulation_steps: int = 1,
         grad_clip: float | None = None,
         seed: int | None = None,
+        batch_size_per_rank: bool = False,
         **strategy_options: Any,
     ) -> None:
         precision = str(precision)
@@ -74,11 +79,11 @@ class Session:
         if seed is not None:
             seed_everything(seed)
         self.strategy.setup(self.env, self.device, self.env.backend(self.device, backend), timeout_s)
+        self.batch_size_per_rank = bool(batch_size_per_rank)
         self.timer = StepTimer(self.device)
         self._micro = 0  # backward calls since the start of the run (plug-in face)
         self._stepped_at = 0  # value of _micro at the last applied step
-        self._model: nn.Module | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
+        self.state = RunState(self.strategy, self.env)  # what save() and load() cover
         self._closed = False
         atexit.register(self.close)  # the plug-in face may never call close(): end cleanly anyway
 
@@ -103,8 +108,9 @@ class Session:
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, *objects: Any) -> Any:
-        """Prepare a model, an optimizer and any number of DataLoaders (in any order); returns
-        them in the same order. At most one model and one optimizer per call."""
+        """Prepare a model, an optimizer, any number of DataLoaders and LR schedulers (in any
+        order); returns them in the same order. At most one model and one optimizer per call.
+        Schedulers are returned as they are and saved/restored with every checkpoint."""
         models = [o for o in objects if isinstance(o, nn.Module)]
         optims = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
         if len(models) > 1 or len(optims) > 1:
@@ -123,9 +129,20 @@ class Session:
                 out.append(_SessionOptimizer(self, optimizer) if optimizer is not None else o)
             elif isinstance(o, DataLoader):
                 out.append(self.prepare_loader(o))
+            elif isinstance(o, torch.optim.lr_scheduler.LRScheduler):
+                self.register_for_checkpointing(o)  # stepped by the user, saved and restored with the run
+                out.append(o)
             else:
-                raise TypeError(f"prepare() got a {type(o).__name__}: expected nn.Module, Optimizer or DataLoader")
+                raise TypeError(
+                    f"prepare() got a {type(o).__name__}: expected nn.Module, Optimizer or DataLoader (or an LR "
+                    f"scheduler, to save with checkpoints)"
+                )
         return out[0] if len(out) == 1 else tuple(out)
+
+    def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Construct the model through the strategy: one that holds only part of it on this
+        rank (a pipeline stage) may build just that part."""
+        return self.strategy.build_model(factory)
 
     def prepare_model(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -134,53 +151,28 @@ class Session:
         model, optimizer = self.strategy.wrap(model, optimizer)
         model = self.strategy.apply_precision(model, self.precision)
         self.strategy.set_grad_sync(model, self.accumulate == 1)
-        self._model, self._optimizer = model, optimizer
+        self.state.model, self.state.optimizer = model, optimizer
         return model, optimizer
 
     def prepare_loader(
         self, loader: DataLoader, shuffle: bool | None = None, seed: int = 0, device_placement: bool = True
-    ) -> "ShardedLoader":
+    ) -> ShardedLoader:
         """Rebuild ``loader`` so each data-parallel rank reads its own shard of every epoch.
 
         The loader's ``batch_size`` is the *global* batch: each of N data-parallel ranks gets
         ``batch_size / N`` samples, so a run gives the same result as one process on the
-        gathered batch (Accelerate's ``split_batches=True``). With ``device_placement`` (the
-        default, as in Accelerate) the tensors of every batch arrive on this rank's device; the
-        strategy decides which (a single-process pipeline leaves them where its first stage
-        moves them)."""
+        gathered batch (Accelerate's ``split_batches=True``); with ``batch_size_per_rank=True``
+        (``setup``) it is each rank's batch instead. With ``device_placement`` (the default, as
+        in Accelerate) the tensors of every batch arrive on this rank's device; the strategy
+        decides which (a single-process pipeline leaves them where its first stage moves them).
+        The loader's position is saved and restored by ``save``/``load``."""
         index, count = self.data_shard
-        batch = loader.batch_size
-        if batch is None:
-            raise ValueError("prepare() needs a DataLoader with batch_size set (a batch_sampler cannot be split)")
-        if batch % count:
-            raise ConfigError(
-                f"batch size {batch} is not divisible by the {count} data-parallel ranks: use a multiple "
-                f"of {count} (each rank gets batch_size / {count})"
-            )
-        if shuffle is None:
-            shuffle = isinstance(loader.sampler, RandomSampler)
-        sampler = _ResumableSampler(
-            loader.dataset, num_replicas=count, rank=index, shuffle=shuffle, seed=seed, drop_last=loader.drop_last
+        sharded = shard_loader(
+            loader, index, count, shuffle=shuffle, seed=seed,
+            place=self.strategy.to_device if device_placement else None, per_rank=self.batch_size_per_rank,
         )
-        dataset, collate = loader.dataset, loader.collate_fn
-        if type(dataset) is TensorDataset and collate is default_collate:
-            dataset, collate = _BatchIndexed(dataset), _batched  # same batches, one gather per tensor
-        new = DataLoader(
-            dataset,
-            batch_size=batch // count,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=collate,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            persistent_workers=loader.persistent_workers if loader.num_workers else False,
-            # its own generator: creating an iterator then draws nothing from the global RNG, so
-            # a resumed run's random stream (dropout, ...) matches an uninterrupted one
-            generator=torch.Generator(),
-        )
-        return ShardedLoader(
-            new, sampler, seed=seed, place=self.strategy.to_device if device_placement else None, dataset=loader.dataset
-        )
+        self.state.loaders.append(sharded)
+        return sharded
 
     # ------------------------------------------------------------------ step (plug-in face)
     @property
@@ -203,7 +195,7 @@ class Session:
         if not self.sync_gradients or self._micro == self._stepped_at:
             return False
         self._stepped_at = self._micro
-        model, opt = self._require_model(), self._optimizer
+        model, opt = self._require_model(), self.state.optimizer
         assert opt is not None, "prepare() an optimizer before step()"
         self.strategy.optimizer_step(model, opt, self.grad_clip)
         opt.zero_grad(set_to_none=True)
@@ -236,9 +228,79 @@ class Session:
     def barrier(self) -> None:
         self.strategy.barrier()
 
+    def all_gather_object(self, obj: Any, everyone: bool = False) -> list[Any]:
+        """``obj`` from every training rank (``everyone``: every rank of the job), in rank order."""
+        group = None if everyone else self.strategy.reduce_group()
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    def broadcast_object(self, obj: Any, src_index: int) -> Any:
+        """``obj`` of the training rank at position ``src_index`` (as in ``all_gather_object``)."""
+        group = self.strategy.reduce_group()
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return obj
+        box = [obj]
+        src = src_index if group is None else dist.get_global_rank(group, src_index)
+        dist.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
     def run(self, loop: Callable[[], T], logger: Any = None) -> T | None:
         """Run ``loop`` on training ranks; ranks with other roles (parameter servers) serve."""
         return self.strategy.run(loop, logger)
+
+    def finish_training(self) -> None:
+        """After ``run``: ranks with other roles come back together (parameter servers send the
+        final weights to every rank), so every rank holds the final model."""
+        self.strategy.finish_training(self._require_model())
+
+    # ------------------------------------------------------------------ what the strategy reports
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def eval_shard(self) -> tuple[int, int]:
+        """``(index, count)`` of the eval set this rank evaluates."""
+        return self.strategy.eval_shard(self.env)
+
+    def strategy_metrics(self) -> dict[str, float]:
+        """The strategy's own scalars for TensorBoard (staleness, bubble, ...), polled at log steps."""
+        return self.strategy.log_metrics()
+
+    def strategy_summary(self) -> dict[str, Any]:
+        """The strategy's own figures for the run's summary."""
+        return self.strategy.summary()
+
+    def check_in_sync(self) -> list[str]:
+        """Names of parameters that differ across ranks that should hold identical copies."""
+        return self.strategy.check_in_sync(self._require_model())
+
+    def verify_same_job(self, model: nn.Module, config: dict[str, Any] | None = None) -> str:
+        """Before the first step: every rank about to train the same model (among ranks holding
+        the same part) and config, or DesyncError on every rank naming the first difference."""
+        from disttrain import fingerprint
+
+        return fingerprint.verify(model, config, self.strategy.replica_key(self.env), self.rank)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the model's and optimizer's state, for ``restore`` (the pre-flight check)."""
+        import copy
+
+        return copy.deepcopy(self.strategy.state_dict(self._require_model(), self.state.optimizer))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(self._require_model(), self.state.optimizer, snapshot)
+
+    def stop_request(self) -> "StopRequest":
+        """SIGTERM/SIGUSR1 handling for a loop: see ``disttrain.preemption``."""
+        from disttrain.preemption import StopRequest, job_store, stop_key
+
+        group = self.strategy.reduce_group()
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD) if dist.is_initialized() else [self.rank]
+        return StopRequest(job_store(), self.rank, ranks, stop_key(self.env.restart_count))
 
     # ------------------------------------------------------------------ rank-zero helpers
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -272,57 +334,49 @@ class Session:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike, keep_last: int | None = None, **extra: Any) -> Path:
-        """Save model, optimizer and ``extra`` (tensors, numbers, strings, containers) to
-        ``path`` atomically. Call on every rank; the strategy decides who writes. With
-        ``keep_last``, older checkpoints in the same directory beyond that many are removed."""
-        path = Path(path)
-        extra = {**extra, "rng": self._gather_rng(), "meta": self.checkpoint_meta()}
-        self.strategy.save_checkpoint(self._require_model(), self._optimizer, path, extra, keep_last=keep_last)
-        self.barrier()
-        return path
+        """Save model, optimizer, the prepared loaders' positions, registered objects (e.g. LR
+        schedulers), every rank's RNG states and ``extra`` (tensors, numbers, strings, containers)
+        to ``path`` atomically. Call on every rank; the strategy decides who writes what. With
+        ``keep_last``, this run's older checkpoints in the same directory beyond that many are
+        removed (never another run's, never the one ``latest`` names)."""
+        return self.state.save(Path(path), extra, keep_last=keep_last)
 
-    def load(self, path: str | os.PathLike, restore_rng: bool = True) -> dict[str, Any]:
-        """Load what ``save`` wrote into the prepared model and optimizer; returns ``extra``.
-        Each rank gets back its own random states (Python, NumPy, torch) as they were at the
-        save, so the run continues exactly. A rank the checkpoint has no state for (the world
-        grew) takes the state of rank ``rank % saved_ranks``."""
-        extra = self.strategy.load_checkpoint(self._require_model(), self._optimizer, Path(path))
-        rng = extra.get("rng") or {}
-        if restore_rng and rng:
-            ranks = sorted(rng)
-            ckpt.restore_rng(rng.get(self.rank, rng[ranks[self.rank % len(ranks)]]))
-        return extra
+    def load(
+        self, path: str | os.PathLike, restore_rng: bool = True, manifest: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Load what ``save`` wrote into the prepared model, optimizer, loaders and registered
+        objects; returns ``extra``. Each rank gets back its own random states (Python, NumPy,
+        torch) as they were at the save, so the run continues exactly; a resumed loop's next
+        ``for batch in loader`` continues the saved epoch where it stopped. A rank the checkpoint
+        has no RNG state for (the world grew) takes the state of rank ``rank % saved_ranks``.
+        ``manifest``: the file's contents, if the caller has read it already."""
+        return self.state.load(Path(path), manifest=manifest, restore_rng=restore_rng)
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """The run's layout, saved with every checkpoint and checked by ``Strategy.check_resume``."""
-        return {
-            "format": 2,
-            "strategy": self.strategy.name,
-            "world_size": self.world_size,
-            "data_parallel_size": self.data_shard[1],
-            **self.strategy.checkpoint_meta(),
-        }
-
-    def _gather_rng(self) -> dict[int, Any]:
-        """Every checkpointing rank's random states, keyed by global rank (collective over the
-        strategy's ``reduce_group``: the ranks that call ``save`` together)."""
-        mine = ckpt.capture_rng()
-        if not dist.is_initialized():
-            return {self.rank: mine}
-        group = self.strategy.reduce_group()
-        if dist.get_rank(group) < 0:  # this rank does not take part (e.g. a server rank)
-            return {self.rank: mine}
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (self.rank, mine), group=group)
-        return {int(r): state for r, state in gathered}
+    def register_for_checkpointing(self, obj: Any) -> None:
+        """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``: an LR
+        scheduler, a GradScaler, your own counter) with every checkpoint."""
+        self.state.register(obj)
 
     @contextlib.contextmanager
     def join(self) -> Iterator[None]:
         """Wrap a loop in which ranks may take different numbers of steps (uneven inputs: a
         user's own sampler, sharded files of different sizes, iterable data). Ranks that run out
         early shadow the others' collectives instead of hanging them; at the end every rank holds
-        the same parameters. See ``Strategy.join``."""
-        with self.strategy.join(self._require_model()):
+        the same parameters: for DDP this is torch's ``Join`` (ranks that finished shadow the
+        others' allreduces, then the last rank to finish broadcasts its parameters). A model that
+        cannot join (another strategy's) raises ConfigError."""
+        from torch.distributed.algorithms import Join, Joinable
+
+        model = self._require_model()
+        if not dist.is_initialized() or dist.get_world_size(self.strategy.reduce_group()) == 1:
+            yield
+            return
+        if not isinstance(model, Joinable):
+            raise ConfigError(
+                f"strategy {self.strategy.name} cannot train on uneven inputs (ranks with different numbers of "
+                f"batches): give every rank the same number of batches, e.g. ds.prepare(loader) with drop_last=True"
+            )
+        with Join([model]):
             yield
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -336,7 +390,7 @@ class Session:
             return
         self._closed = True
         atexit.unregister(self.close)
-        self._model = self._optimizer = None
+        self.state.model = self.state.optimizer = None
         try:
             self.strategy.teardown()
         finally:
@@ -349,99 +403,7 @@ class Session:
         self.close()
 
     def _require_model(self) -> nn.Module:
-        if self._model is None:
-            raise RuntimeError("call ds.prepare(model, optimizer, ...) before backward()/step()/save()")
-        return self._model
-
-
-class ShardedLoader:
-    """A DataLoader over this rank's shard that calls ``sampler.set_epoch`` on every new epoch,
-    so each epoch is shuffled differently and identically on every rank."""
-
-    def __init__(
-        self,
-        loader: DataLoader,
-        sampler: "_ResumableSampler",
-        seed: int = 0,
-        place: Callable[[Any], Any] | None = None,
-        dataset: Any = None,
-    ) -> None:
-        self.loader, self.sampler, self.place = loader, sampler, place
-        self._dataset = loader.dataset if dataset is None else dataset
-        self.seed = seed
-        self.epoch = 0
-        self.skip = 0  # batches of this rank to skip at the start of the next epoch (exact resume)
-
-    def __iter__(self) -> Iterator[Any]:
-        """One epoch. ``skip`` batches are skipped in the sampler (their samples are never
-        loaded); the loader's generator is reseeded per epoch, so worker seeds are the same
-        whether the epoch was started fresh or resumed."""
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.start = self.skip * (self.loader.batch_size or 1)
-        if self.loader.generator is not None:
-            self.loader.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        self.skip = 0
-        self.epoch += 1
-        if self.place is None:
-            yield from self.loader
-        else:
-            for batch in self.loader:
-                yield self.place(batch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.loader.batch_size
-
-    @property
-    def dataset(self) -> Any:
-        """The user's dataset (not the batch-indexing view the loader may read it through)."""
-        return self._dataset
-
-
-class _BatchIndexed(Dataset):
-    """A TensorDataset read a batch at a time. The default path indexes every sample and stacks
-    them in ``default_collate`` (for 4096 samples of 1024 floats: 48 ms a batch, most of an H100
-    step; benchmarks/results/h100/); ``__getitems__`` (which DataLoader calls with a batch's
-    indices) gathers each tensor once. The batches are the same tensors, in the same
-    ``[inputs, targets]`` list that ``default_collate`` makes."""
-
-    def __init__(self, base: TensorDataset) -> None:
-        self.tensors = base.tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[index] for t in self.tensors)
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return [t.index_select(0, idx) for t in self.tensors]  # 6x faster than t[idx] on CPU
-
-
-def _batched(batch: Any) -> Any:
-    """collate_fn for ``_BatchIndexed``: the batch is already whole."""
-    return batch
-
-
-class _ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: ``start`` indices of this rank's
-    share are dropped (once, for the next epoch). Which samples form global batch ``k`` of an
-    epoch does not depend on the number of replicas (positions ``k*B .. (k+1)*B-1`` of the
-    epoch's permutation, dealt round-robin), so a position saved at one world size maps exactly
-    to another: ``start = samples_done / num_replicas``."""
-
-    start = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        start, self.start = self.start, 0
-        it = super().__iter__()
-        for _ in range(start):
-            next(it, None)
-        return it
+        return self.state._require_model()
 
 
 class _SessionOptimizer(torch.optim.Optimizer):

@@ -3,14 +3,15 @@ listens on one configured address instead of all interfaces.
 
 torch's ``TCPStore`` server binds to ``[::]`` (every interface) whatever host it is given, and
 torch.distributed has no authentication: anyone who can reach the rendezvous port can join or
-disturb the job. Here each store server is handed a socket already bound to the address from
-``DISTTRAIN_BIND_ADDR``; when that is unset, ``--standalone`` (single-node) runs bind to the
-loopback address ``127.0.0.1``, and multi-node runs keep torch's behaviour (set
-``DISTTRAIN_BIND_ADDR`` to the node's private-network address, see docs/reliability.md).
+disturb the job. Here each store server is handed a socket already bound to one address: ``DISTTRAIN_BIND_ADDR``
+if set; else loopback (``127.0.0.1``) when the job is on this machine alone (``--standalone``, or
+a rendezvous endpoint on loopback); else this node's address on the network that reaches the
+rendezvous host (the interface the other nodes use, found from the routing table). See
+docs/reliability.md.
 
-The workers themselves listen on nothing disttrain opens: with the agent's store shared
-(``TORCHELASTIC_USE_AGENT_STORE``) they are its clients, and gloo/NCCL connect to the addresses
-the rendezvous gives them.
+The workers inherit the address (``DISTTRAIN_BIND_ADDR``): their gloo and NCCL sockets and a
+Horovod rendezvous listen there too (``disttrain.env.listen_address``); with the agent's store
+shared (``TORCHELASTIC_USE_AGENT_STORE``) they serve no store of their own.
 """
 
 from __future__ import annotations
@@ -63,10 +64,52 @@ def install(bind_addr: str) -> None:
 
 
 def bind_address(argv: Sequence[str]) -> str | None:
-    """The address to bind to for these torchrun arguments (see the module docstring)."""
+    """The address to bind to for these torchrun arguments (see the module docstring): the
+    configured one, else loopback for a job on this machine alone (``--standalone``, or a
+    rendezvous endpoint on loopback), else None (torch's default, every interface)."""
     if os.environ.get(ENV):
         return os.environ[ENV]
-    return "127.0.0.1" if "--standalone" in argv else None
+    if "--standalone" in argv:
+        return "127.0.0.1"
+    endpoint = _option(argv, "--rdzv-endpoint", "--rdzv_endpoint") or os.environ.get("PET_RDZV_ENDPOINT")
+    host = endpoint.rsplit(":", 1)[0].strip("[]") if endpoint else _option(argv, "--master-addr", "--master_addr")
+    host = host or os.environ.get("PET_MASTER_ADDR")
+    if not host:
+        return None
+    if _is_loopback(host):
+        return "127.0.0.1"
+    return route_address(host)
+
+
+def route_address(host: str) -> str | None:
+    """This machine's address on the network that reaches ``host`` (the rendezvous): the one
+    interface the other nodes can use, rather than all of them. None if it cannot be found."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _option(argv: Sequence[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     addr = bind_address(argv)
     if addr:
         install(addr)
-        if "--standalone" in argv and not any(a.startswith("--local-addr") for a in argv):
+        os.environ.setdefault(ENV, addr)  # the workers' listeners (gloo, NCCL, Horovod) bind there too
+        if not any(a.startswith("--local-addr") or a.startswith("--local_addr") for a in argv):
             # the address the agent advertises to the workers (MASTER_ADDR): the bound one
             argv = [f"--local-addr={addr}", *argv]
     from torch.distributed.run import main as torchrun_main

@@ -9,28 +9,30 @@ import logging
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import torch.distributed as dist
-
 from disttrain import checkpoint as ckpt
-from disttrain import faults, fingerprint
+from disttrain import faults, schema
 from disttrain.errors import ConfigError, NonFiniteLossError
+from disttrain.loaders import ShardedLoader
 from disttrain.observe import RunLogger
-from disttrain.session import Session, ShardedLoader
+from disttrain.preemption import Preempted
+from disttrain.session import Session
 
 log = logging.getLogger("disttrain")
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """``conf/trainer/*.yaml``; checked in ``__post_init__`` so a bad value fails before any work."""
+    """``conf/trainer/*.yaml``; checked in ``__post_init__`` (types from the annotations, then
+    ranges) so a bad value fails before any work, with the key, the value and the rule."""
 
     max_epochs: int = 10
     max_steps: int | None = None
@@ -46,8 +48,17 @@ class TrainerConfig:
     check_in_sync: bool = True
     progress_bar: str | bool = "auto"
     slowdown: dict[str, float] | None = field(default=None)  # {rank: r, factor: f}
+    save_on_preempt: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 75
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], prefix: str = "trainer") -> "TrainerConfig":
+        """From config values, naming any unknown key (``trainer.max_epoch`` is a typo)."""
+        schema.check_dataclass_keys(cls, values, prefix)
+        return cls(**values)
 
     def __post_init__(self) -> None:
+        schema.check_dataclass_fields(self, "trainer")
+
         def bad(key: str, value: Any, rule: str) -> ConfigError:
             return ConfigError(f"trainer.{key}={value!r}: {rule}")
 
@@ -64,8 +75,12 @@ class TrainerConfig:
                 raise bad(key, getattr(self, key), "must be >= 1")
         if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
             raise bad("checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be >= 1 or null (every epoch)")
+        if self.checkpoint_keep_last is not None and self.checkpoint_keep_last < 1:
+            raise bad("checkpoint_keep_last", self.checkpoint_keep_last, "must be >= 1 or null (keep every checkpoint)")
         if self.preflight_steps < 0:
             raise bad("preflight_steps", self.preflight_steps, "must be >= 0 (0 disables the pre-flight)")
+        if isinstance(self.progress_bar, str) and self.progress_bar != "auto":
+            raise bad("progress_bar", self.progress_bar, "expected auto, true or false")
         if self.slowdown is not None:
             if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
                 raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
@@ -86,7 +101,7 @@ class Trainer:
         session: Session,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss_fn: Callable[..., torch.Tensor],
         train_data: Dataset,
         batch_size: int,
         config: TrainerConfig = TrainerConfig(),
@@ -104,12 +119,15 @@ class Trainer:
         self.loss_fn, self.metric = loss_fn, metric
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        check_checkpoint_dir(self.ckpt_dir, config.resume)
         self.batch_size = batch_size
         # before any collective of the strategy's own: a rank with another model or config
         # stops every rank here with the differing entry named, instead of hanging later
-        fingerprint.verify(session, model, hparams)
+        session.verify_same_job(model, hparams)
         self.model, self.optimizer = session.prepare_model(model, optimizer)
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        if self.scheduler is not None:
+            session.register_for_checkpointing(self.scheduler)
         loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
         self.train_loader: ShardedLoader = session.prepare_loader(loader, seed=seed)
         self.eval_data = eval_data
@@ -117,26 +135,35 @@ class Trainer:
         self.hparams = hparams or {}
         self.step = 0
         self.epoch = 0
-        self.batch_in_epoch = 0  # optimizer steps taken in the current epoch (resume position)
+        self.batch_in_epoch = 0  # optimizer steps taken in the current epoch
+        self.history: list[tuple[int, float]] = []  # (step, this rank's loss), kept on training ranks
+        self.stop = session.stop_request() if config.save_on_preempt else None
+        self.preempted = False
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
-        """Train, then evaluate, checkpoint and summarise on every rank; returns the summary."""
+        """Train, then evaluate, checkpoint and summarise on every rank; returns the summary.
+        Stopped by SIGTERM/SIGUSR1 (``save_on_preempt``): checkpoint, then raise Preempted."""
         try:
             self._resume()
+            if self.stop is not None:
+                self.stop.install()
             t0 = time.perf_counter()
             self.s.run(self._train, self.logger)  # ranks with other roles (servers) serve here
             elapsed = time.perf_counter() - t0
-            self.s.strategy.finish_training(self.model)
-            # ranks that did not run the loop learn how far it got
-            self.step = int(self.s.reduce(float(self.step), "max").item())
-            self.epoch = int(self.s.reduce(float(self.epoch), "max").item())
-            metrics = self.evaluate()
+            self.s.finish_training()
+            self._agree_on_progress()  # ranks that did not run the loop learn how far it got
+            metrics = {} if self.preempted else self.evaluate()
             if metrics:
                 self.logger.eval(self.step, metrics)
-            self.save_checkpoint()
+            path = self.save_checkpoint()
+            if self.preempted:
+                assert self.stop is not None
+                raise Preempted(self.step, self.stop.signal_name, str(path) if path else None)
             return self._finish(metrics, elapsed)
         finally:
+            if self.stop is not None:
+                self.stop.uninstall()
             self.logger.close()
 
     def evaluate(self) -> dict[str, float]:
@@ -144,7 +171,7 @@ class Trainer:
         rank sums over its own disjoint slice, then the sums are added."""
         if self.eval_data is None:
             return {}
-        index, count = self.s.strategy.eval_shard(self.s.env)
+        index, count = self.s.eval_shard
         part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
         loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
         sums = torch.zeros(3, dtype=torch.float64, device=self.s.device)  # loss, metric, count
@@ -182,11 +209,11 @@ class Trainer:
             )
         log.info(
             "training: strategy=%s world=%d data-parallel=%d global batch=%d accumulation=%d steps/epoch=%d",
-            s.strategy.name, s.world_size, s.data_shard[1], self.batch_size, cfg.gradient_accumulation_steps, steps_per_epoch,
+            s.strategy_name, s.world_size, s.data_shard[1], self.batch_size, cfg.gradient_accumulation_steps, steps_per_epoch,
         )
         bar = self._progress_bar(min(max_steps, cfg.max_epochs * steps_per_epoch))
         t_window, samples_window = time.perf_counter(), 0
-        while self.epoch < cfg.max_epochs and self.step < max_steps:
+        while self.epoch < cfg.max_epochs and self.step < max_steps and not self.preempted:
             for micro in self._micro_batches(steps_per_epoch):
                 loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
                 self._slow_down(s.timer.step)
@@ -201,7 +228,7 @@ class Trainer:
                         f"loss is {local} at step {self.step} (epoch {self.epoch}) on rank {s.rank}: lower "
                         f"optimizer.lr, set trainer.grad_clip, or check the data for NaN/inf"
                     )
-                self.logger.loss(self.step, local)
+                self.history.append((self.step, local))
                 faults.inject("step", s.rank, self.step)
                 samples_window += self.batch_size * cfg.gradient_accumulation_steps
                 if bar is not None:
@@ -212,6 +239,9 @@ class Trainer:
                     rate = samples_window / max(now - t_window, 1e-9)
                     t_window, samples_window = now, 0
                     self._log_step(mean_loss, rate, phases, bar)
+                if self.stop is not None and self.stop.should_stop(self.step):
+                    self.preempted = True
+                    break
                 if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
                     self.save_checkpoint()
                 if self.step >= max_steps:
@@ -219,6 +249,7 @@ class Trainer:
             else:
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                self.train_loader.end_epoch()  # a partial accumulation group left over is dropped
                 if self.eval_data is not None and self.epoch % cfg.eval_every_n_epochs == 0 and self.epoch < cfg.max_epochs:
                     metrics = self.evaluate()
                     self.logger.eval(self.step, metrics)
@@ -226,16 +257,14 @@ class Trainer:
                 if not cfg.checkpoint_every_n_steps and self.epoch < cfg.max_epochs:
                     self.save_checkpoint()  # the last epoch's is the final checkpoint, written by fit()
                 continue
-            break  # max_steps reached inside the epoch
+            break  # max_steps reached, or a stop agreed, inside the epoch
         if bar is not None:
             bar.close()
 
     def _micro_batches(self, steps_per_epoch: int) -> Iterator[list]:
         """Groups of ``gradient_accumulation_steps`` batches; time spent waiting on the loader
-        is recorded as the ``data`` phase. Resumes mid-epoch where the checkpoint left off."""
+        is recorded as the ``data`` phase. The loader resumes mid-epoch where it left off."""
         accum = self.cfg.gradient_accumulation_steps
-        self.train_loader.epoch = self.epoch
-        self.train_loader.skip = self.batch_in_epoch * accum
         it = iter(self.train_loader)
         for _ in range(steps_per_epoch - self.batch_in_epoch):
             with self.s.timer.phase("data"):
@@ -248,7 +277,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_sec": rate}
         scalars.update({f"time/{k}_ms": v * 1e3 for k, v in phases.items()})
-        scalars.update(self.s.strategy.log_metrics())
+        scalars.update(self.s.strategy_metrics())
         self.logger.scalars(self.step, scalars)
         msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
         if bar is not None:
@@ -259,6 +288,7 @@ class Trainer:
     def _finish(self, metrics: dict[str, float], elapsed: float) -> dict[str, Any]:
         timer = self.s.timer
         samples = self.step * self.batch_size * self.cfg.gradient_accumulation_steps
+        strategy = self.s.strategy_summary()
         summary = {
             "steps": self.step,
             "epochs": self.epoch,
@@ -266,12 +296,12 @@ class Trainer:
             "samples_per_sec": samples / max(elapsed, 1e-9),
             "step_time_ms": {k: v * 1e3 for k, v in timer.mean().items()},
             **{f"eval_{k}": v for k, v in metrics.items()},
-            **self.s.strategy.summary(),
+            **strategy,
         }
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
-        self.logger.plot()
+        self.logger.plot(self.history)
         self.logger.summary(summary)
-        extra = " ".join(f"{k}={v}" for k, v in self.s.strategy.summary().items())
+        extra = " ".join(f"{k}={v}" for k, v in strategy.items())
         log.info(
             "done: %d steps in %.1fs, %.0f samples/s, %s | mean step %s %s",
             self.step, elapsed, summary["samples_per_sec"], _fmt(metrics),
@@ -279,10 +309,25 @@ class Trainer:
         )
         return summary
 
+    def _agree_on_progress(self) -> None:
+        """After the loop, every rank takes the progress (step, epoch, loader position, loss
+        history) of the rank that got furthest (the lowest such rank): ranks that did not train
+        (parameter servers) then write a final checkpoint that resumes where training stopped."""
+        if self.s.world_size == 1:
+            return
+        steps = self.s.all_gather_object(self.step)
+        lead = max(range(len(steps)), key=lambda r: (steps[r], -r))
+        if all(st == steps[lead] for st in steps):
+            return  # every rank trained (data parallel): each keeps its own
+        mine = (self.step, self.epoch, self.batch_in_epoch, self.train_loader.state_dict(), self.history)
+        state = self.s.broadcast_object(mine, src_index=lead)
+        self.step, self.epoch, self.batch_in_epoch, loader, self.history = state
+        self.train_loader.load_state_dict(loader)
+
     def _check_in_sync(self) -> None:
         if not self.cfg.check_in_sync:
             return
-        differing = self.s.strategy.check_in_sync(self.model)
+        differing = self.s.check_in_sync()
         if differing:
             raise RuntimeError(
                 f"parameters differ across ranks after setup: {differing[:5]}{' ...' if len(differing) > 5 else ''}. "
@@ -292,7 +337,7 @@ class Trainer:
     def _preflight(self) -> None:
         """Overfit one batch for ``preflight_steps`` steps; the loss must at least halve. Then
         restore the model and optimizer, so the pre-flight leaves no trace on the real run."""
-        model_state = copy.deepcopy(self.s.strategy.state_dict(self.model, self.optimizer))
+        snapshot = self.s.snapshot()
         batch = next(iter(self.train_loader.loader))
         first = last = None
         for _ in range(self.cfg.preflight_steps):
@@ -300,7 +345,7 @@ class Trainer:
             first = loss if first is None else first
             last = loss
         self.s.timer.step.clear()
-        self.s.strategy.load_state_dict(self.model, self.optimizer, model_state)
+        self.s.restore(snapshot)
         log.info("pre-flight: loss on one batch %.4f -> %.4f in %d steps", first, last, self.cfg.preflight_steps)
         if not (last < 0.5 * first):
             raise RuntimeError(
@@ -333,34 +378,24 @@ class Trainer:
         return tqdm(total=None if math.isinf(total) else int(total), unit="step", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def _samples_per_step(self) -> int:
-        """Samples of the epoch consumed by one optimizer step, over all data-parallel ranks."""
-        return self.batch_size * self.cfg.gradient_accumulation_steps
-
     def checkpoint_state(self) -> dict[str, Any]:
-        """The Trainer's part of a checkpoint (the Session adds model, optimizer, strategy state,
-        every rank's RNG states and the run's layout). The data position is kept in samples of
-        the epoch, so it maps onto any world size with the same global batch."""
-        history = self.logger.history
+        """The Trainer's part of a checkpoint; the Session adds model, optimizer, the loader's
+        position, the scheduler, every rank's RNG states and the run's layout."""
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "samples_in_epoch": self.batch_in_epoch * self._samples_per_step,
             "global_batch_size": self.batch_size,
             "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
-            "dataset_size": len(self.train_loader.dataset),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            # rank 0's per-step losses so far: a resumed run's history (plot, checks) is whole
-            "loss_history": torch.tensor(history, dtype=torch.float64) if history else None,
+            # this rank's per-step losses so far: a resumed run's history (plot, checks) is whole
+            "loss_history": torch.tensor(self.history, dtype=torch.float64) if self.history else None,
         }
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path | None:
         if self.ckpt_dir is None:
-            return
+            return None
         faults.inject("save", self.s.rank, self.step)
-        self.s.save(self.ckpt_dir / f"step_{self.step:08d}.pt", keep_last=self.cfg.checkpoint_keep_last, **self.checkpoint_state())
+        path = self.ckpt_dir / f"step_{self.step:08d}.pt"
+        return self.s.save(path, keep_last=self.cfg.checkpoint_keep_last, **self.checkpoint_state())
 
     def _find_checkpoint(self, where: str) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint ``trainer.resume`` names on this rank, loaded (so known complete)."""
@@ -373,9 +408,15 @@ class Trainer:
             if not path.exists():
                 raise ConfigError(f"trainer.resume={where!r}: no such file or directory (use auto, a .pt file or a checkpoint directory)")
         if path.is_dir():
-            found = ckpt.find_latest(path if path.name == "checkpoints" or not (path / "checkpoints").is_dir() else path / "checkpoints")
-            if found is None and where != "auto":
-                raise ConfigError(f"trainer.resume={where!r}: no complete checkpoint in that directory")
+            directory = path if path.name == "checkpoints" or not (path / "checkpoints").is_dir() else path / "checkpoints"
+            found = ckpt.find_latest(directory)
+            if found is None and (where != "auto" or ckpt.list_checkpoints(directory)):
+                names = [p.name for p in ckpt.list_checkpoints(directory)]
+                raise ConfigError(
+                    f"trainer.resume={where!r}: no checkpoint in {directory} loads ({len(names)} found: {names[:5]}; "
+                    f"see the warnings above for why each was skipped). Nothing was trained: move them away to start "
+                    f"this run fresh in that directory, or point hydra.run.dir at a new one"
+                )
             return found
         try:
             return path, ckpt.load(path)
@@ -388,11 +429,8 @@ class Trainer:
     def _agree_on_checkpoint(self, found: tuple[Path, dict[str, Any]] | None) -> None:
         """Every rank must resume from the same checkpoint; a rank that sees another one (no
         shared filesystem, a file that loads on one node only) stops every rank alike."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
         mine = None if found is None else (found[0].name, int(found[1].get("extra", {}).get("step", -1)))
-        seen: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, mine)
+        seen = self.s.all_gather_object(mine, everyone=True)
         if len({repr(x) for x in seen}) > 1:
             listing = ", ".join(f"rank {r}: {x[0] if x else 'none'}" for r, x in enumerate(seen))
             raise ConfigError(
@@ -409,27 +447,9 @@ class Trainer:
         if found is None:
             log.info("resume=auto: no checkpoint yet in %s, starting fresh", self.ckpt_dir)
             return
-        path, state = found
-        saved = state.get("extra", {})
-        meta = saved.get("meta") or {}
-        self.s.strategy.check_resume(meta)  # ConfigError on every rank if the layout cannot load
-        samples = int(saved.get("samples_in_epoch", int(saved.get("batch_in_epoch", 0)) * self._samples_per_step))
-        if samples % self._samples_per_step:
-            raise ConfigError(
-                f"trainer.resume: checkpoint {path} stopped {samples} samples into epoch {saved.get('epoch')}, which is "
-                f"not a whole number of steps of data.batch_size={self.batch_size} x gradient_accumulation_steps="
-                f"{self.cfg.gradient_accumulation_steps}: resume with data.batch_size={saved.get('global_batch_size')} "
-                f"and trainer.gradient_accumulation_steps={saved.get('gradient_accumulation_steps')}"
-            )
-        size = saved.get("dataset_size")
-        if size is not None and int(size) != len(self.train_loader.dataset):
-            raise ConfigError(
-                f"trainer.resume: checkpoint {path} was trained on {size} samples per epoch, this run has "
-                f"{len(self.train_loader.dataset)}: resume with the same data config, or start fresh (trainer.resume=null)"
-            )
-        del state
+        path, manifest = found
         try:
-            extra = self.s.load(path)
+            extra = self.s.load(path, manifest=manifest)
         except ConfigError:
             raise
         except Exception as exc:  # every rank loads the same file, so every rank fails alike
@@ -437,23 +457,47 @@ class Trainer:
                 f"trainer.resume: checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc)[:300]}). "
                 f"Resume with the model and optimizer config it was saved with, or start fresh (trainer.resume=null)"
             ) from exc
-        self.step, self.epoch = int(extra["step"]), int(extra["epoch"])
-        self.batch_in_epoch = samples // self._samples_per_step
-        if self.scheduler is not None and extra.get("scheduler") is not None:
-            self.scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("rng_cpu") is not None and not extra.get("rng"):  # checkpoints of format 1
-            torch.set_rng_state(extra["rng_cpu"])
-        history = extra.get("loss_history")
-        if self.logger.enabled and history is not None:
-            self.logger.history = [(int(st), float(v)) for st, v in history.tolist() if st <= self.step]
-        saved_dp = int(meta.get("data_parallel_size", self.s.data_shard[1]))
-        if saved_dp != self.s.data_shard[1]:
-            log.warning(
-                "resuming at data-parallel size %d from a checkpoint saved at %d: the data position (%d samples "
-                "into epoch %d) maps to step %d of the epoch; no sample of the epoch is skipped or repeated",
-                self.s.data_shard[1], saved_dp, samples, self.epoch, self.batch_in_epoch,
+        del manifest
+        self.step = int(extra["step"])
+        self.epoch, done = self.train_loader.position()
+        accum = self.cfg.gradient_accumulation_steps
+        if done % accum:
+            raise ConfigError(
+                f"trainer.resume: checkpoint {path} stopped {done} batches into epoch {self.epoch}, not a whole number "
+                f"of steps of trainer.gradient_accumulation_steps={accum}: resume with "
+                f"trainer.gradient_accumulation_steps={extra.get('gradient_accumulation_steps')}"
             )
+        self.batch_in_epoch = done // accum
+        history = extra.get("loss_history")
+        if history is not None:
+            self.history = [(int(st), float(v)) for st, v in history.tolist() if st <= self.step]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+
+def check_checkpoint_dir(ckpt_dir: Path | None, resume: str | None) -> None:
+    """Before any work: the checkpoint directory can be written, and a fresh run (``resume``
+    null) does not start in a directory that already holds checkpoints (another run's, or this
+    run's from before a restart without ``trainer.resume=auto``): its saves would be mixed with
+    them and ``resume=auto`` later could pick the other run's. ConfigError naming the fix."""
+    if ckpt_dir is None:
+        return
+    existing = ckpt.list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise ConfigError(
+            f"{ckpt_dir} already holds {len(existing)} checkpoint(s) ({existing[-1].name}, ...) and trainer.resume is "
+            f"null: set trainer.resume=auto to continue that run, or give this run its own directory "
+            f"(hydra.run.dir=...); disttrain does not mix two runs' checkpoints"
+        )
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write-test-{uuid.uuid4().hex[:8]}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"the checkpoint directory {ckpt_dir} cannot be written ({exc.strerror or exc}): fix its permissions or "
+            f"free space, or point hydra.run.dir at a writable directory, before training starts"
+        ) from exc
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -7,7 +7,7 @@
 set -euo pipefail
 NPROC="${NPROC:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec torchrun \
+exec python -m disttrain.torchrun \
   --standalone \
   --nproc-per-node="$NPROC" \
   -m disttrain \

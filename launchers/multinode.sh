@@ -20,7 +20,7 @@ RDZV_PORT="${RDZV_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-disttrain}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec torchrun \
+exec python -m disttrain.torchrun \
   --nnodes="$NNODES" \
   --nproc-per-node="$NPROC" \
   --rdzv-backend=c10d \

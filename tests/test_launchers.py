@@ -69,7 +69,7 @@ def stub_bin(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {
-        "torchrun": "",
+        "python": "",  # the recipes run `python -m disttrain.torchrun ...`
         # srun: record its options, run the command after them (what srun does on each node)
         "srun": 'while [[ "$1" == -* ]]; do shift; done; exec "$@"',
         "scontrol": 'printf "%s\\n" node001 node002',  # `scontrol show hostnames node[001-002]`
@@ -99,7 +99,7 @@ OVERRIDES = ["experiment=digits_ddp", "optimizer.lr=0.01", "hydra.run.dir=out di
 
 def test_local_script_runs_the_launchers_command(tmp_path):
     out = run_script(tmp_path, "local.sh", {"NPROC": "3"}, OVERRIDES)
-    assert ["torchrun", *recorded(out, "torchrun")] == command(TorchrunSpec(nproc_per_node=3), OVERRIDES)
+    assert ["python", *recorded(out, "python")] == command(TorchrunSpec(nproc_per_node=3), OVERRIDES)
 
 
 @pytest.mark.parametrize("extra_env,extra_args", [
@@ -112,7 +112,7 @@ def test_multinode_script_runs_the_launchers_command(tmp_path, extra_env, extra_
     out = run_script(tmp_path, "multinode.sh", env, OVERRIDES)
     spec = TorchrunSpec(nproc_per_node=8, nnodes="1:4", rdzv_endpoint=f"node0:{launch.DEFAULT_RDZV_PORT}",
                         rdzv_id="exp1", max_restarts=3, extra=tuple(extra_args))
-    assert ["torchrun", *recorded(out, "torchrun")] == command(spec, OVERRIDES)
+    assert ["python", *recorded(out, "python")] == command(spec, OVERRIDES)
 
 
 def test_multinode_script_requires_the_rendezvous(tmp_path):
@@ -128,10 +128,11 @@ def test_slurm_script_runs_torchrun_once_per_node_with_the_first_node_as_rendezv
     srun = recorded(out, "srun")
     assert "--ntasks-per-node=1" in srun  # one torchrun agent per node
     spec = TorchrunSpec(nproc_per_node=4, nnodes=2, rdzv_endpoint=f"node001:{launch.DEFAULT_RDZV_PORT}",
-                        rdzv_id="4242", max_restarts=3)
-    assert ["torchrun", *recorded(out, "torchrun")] == command(spec, OVERRIDES)
+                        rdzv_id="4242", max_restarts=3,
+                        extra=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=80"))
+    assert ["python", *recorded(out, "python")] == command(spec, OVERRIDES)
     # a requeued job (same job id) keeps its run directory
-    assert "DISTTRAIN_RUN_ID=slurm-4242" in (out / "torchrun.env").read_text().splitlines()
+    assert "DISTTRAIN_RUN_ID=slurm-4242" in (out / "python.env").read_text().splitlines()
 
 
 def test_slurm_directives_come_before_any_command():
@@ -195,7 +196,7 @@ def test_pytorchjob_torchrun_reads_the_operators_env(rtype, index, monkeypatch):
     workers = replicas["Worker"]["replicas"]
     pod = replicas[rtype.capitalize()]["template"]["spec"]["containers"][0]
     env = pytorchjob_env(rtype, index, workers, job["spec"]["nprocPerNode"])
-    args = _torchrun_parse(env, [*pod["command"][1:], *pod["args"]], monkeypatch)
+    args = _torchrun_parse(env, [*pod["command"][len(launch.TORCHRUN):], *pod["args"]], monkeypatch)
     assert args.nnodes == str(workers + 1)
     assert args.nproc_per_node == job["spec"]["nprocPerNode"]
     assert args.node_rank == (0 if rtype == "master" else index + 1)
@@ -209,7 +210,7 @@ def test_elastic_pytorchjob_torchrun_reads_the_rendezvous(monkeypatch):
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     env = pytorchjob_env("worker", 0, ep["maxReplicas"], job["spec"]["nprocPerNode"], elastic=True)
     env["PET_NNODES"] = f"{ep['minReplicas']}:{ep['maxReplicas']}"
-    args = _torchrun_parse(env, [*pod["command"][1:], *pod["args"]], monkeypatch)
+    args = _torchrun_parse(env, [*pod["command"][len(launch.TORCHRUN):], *pod["args"]], monkeypatch)
     assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes) == ("c10d", env["PET_RDZV_ENDPOINT"], env["PET_NNODES"])
     from torch.distributed.run import config_from_args
 
@@ -243,4 +244,5 @@ def test_launch_cli_dry_run(capsys):
     assert capsys.readouterr().out.split() == expected
     assert launch.main(["--nnodes", "2", "--rdzv-endpoint", "h:1", "--dry-run", "--", "a=1"]) == 0
     spec = TorchrunSpec(nproc_per_node=os.environ.get("NPROC", "2"), nnodes=2, rdzv_endpoint="h:1", rdzv_id="disttrain")
-    assert capsys.readouterr().out.split()[3:] == [*torchrun_args(spec), "-m", "disttrain", "a=1"]
+    assert capsys.readouterr().out.split()[len(launch.this_python_torchrun()):] == [
+        *torchrun_args(spec), "-m", "disttrain", "a=1"]

@@ -147,7 +147,11 @@ def test_bind_address_choice(monkeypatch) -> None:
 
     monkeypatch.delenv("DISTTRAIN_BIND_ADDR", raising=False)
     assert bind_address(["--standalone", "--nproc_per_node=2"]) == "127.0.0.1"
-    assert bind_address(["--nnodes=2", "--rdzv-endpoint=10.0.0.1:29500"]) is None  # torch's default
+    # another machine's rendezvous: this node's address on the route to it, never every interface
+    from disttrain.torchrun import route_address
+
+    assert bind_address(["--nnodes=2", "--rdzv-endpoint=10.0.0.1:29500"]) == route_address("10.0.0.1")
+    assert bind_address(["--nnodes=1", "--rdzv-endpoint=localhost:29500"]) == "127.0.0.1"
     monkeypatch.setenv("DISTTRAIN_BIND_ADDR", "10.0.0.7")
     assert bind_address(["--nnodes=2"]) == "10.0.0.7"
 
@@ -197,7 +201,7 @@ def test_exception_without_torchrun_ends_the_other_rank(fault: str, tmp_path: Pa
 
 # ------------------------------------------------------------------------ 5: desync
 def _desync_worker(what: str):
-    from disttrain.fingerprint import DesyncError, verify
+    from disttrain.fingerprint import DesyncError
     from disttrain.session import Session
 
     s = Session("ddp", timeout_s=30)
@@ -206,7 +210,7 @@ def _desync_worker(what: str):
     model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Linear(hidden, 1))
     config = {"optimizer.lr": 0.1, "seed": rank if what == "config" else 0}
     try:
-        verify(s, model, config)
+        s.verify_same_job(model, config)
     except DesyncError as exc:
         return str(exc)
     finally:
@@ -307,7 +311,7 @@ def test_data_position_maps_across_world_sizes(before: int, after: int) -> None:
     built without a process group, exactly as each rank builds its own)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from disttrain.session import ShardedLoader, _ResumableSampler
+    from disttrain.loaders import ShardedLoader, _ResumableSampler
 
     n, batch, done_steps, epoch = 96, 12, 3, 1
     data = TensorDataset(torch.arange(n))

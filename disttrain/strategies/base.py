@@ -219,17 +219,17 @@ class Strategy:
         return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
 
     # ------------------------------------------------------------------ checkpoints
-    # A checkpoint must let a restarted job continue exactly. The Session saves, besides what
-    # these hooks return: every rank's RNG states, the Trainer's position (step, epoch, samples
-    # of the epoch done, scheduler) and ``Session.checkpoint_meta()``. A strategy puts in
-    # ``state_dict`` everything else it needs: the whole model and optimizer as seen by the
-    # writer (gather shards held by other ranks here: ``state_dict`` is called on every rank
-    # that calls ``Session.save``, so it may be collective over ``reduce_group``), plus its own
-    # counters (e.g. a server's version clock, a pipeline's schedule position) under its own
-    # keys. ``load_state_dict`` gets the same dict back on every rank, after ``check_resume``
-    # accepted the layout, and restores what belongs to this rank.
+    # A checkpoint must let a restarted job continue exactly. The Session (``disttrain.state``)
+    # saves, besides what these hooks write: every rank's RNG states, the loaders' positions,
+    # registered objects (schedulers), the caller's values and the run's layout
+    # (``checkpoint_meta``). ``save_checkpoint`` writes the model and optimizer: whole, in the
+    # manifest the writing rank returns (the default: ``state_dict`` gathered by the writer),
+    # or as shards in ``checkpoint.shards_dir(path)`` written by every rank (FSDP, ZeRO,
+    # pipeline stages), the manifest then only recording that. ``load_checkpoint`` gets that
+    # manifest back on every rank, after ``check_resume`` accepted the layout.
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Everything of model and optimizer needed to continue, as rank 0 will write it."""
+        """Everything of model and optimizer needed to continue, as the writer will save it
+        (collective over ``reduce_group`` where shards live elsewhere)."""
         return {
             "model": self.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -242,6 +242,12 @@ class Strategy:
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
 
+    def checkpoint_layout(self) -> str:
+        """How ``save_checkpoint`` stores model and optimizer: ``full`` (one whole state dict,
+        readable by every strategy of that layout) or a strategy-specific name for sharded forms.
+        A checkpoint is loaded only by a run of the same layout."""
+        return "full"
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """Facts about this strategy's layout saved with each checkpoint (besides the world and
         data-parallel sizes the Session records), for ``check_resume`` to compare on load, e.g.
@@ -249,12 +255,11 @@ class Strategy:
         return {}
 
     def check_resume(self, meta: dict[str, Any]) -> None:
-        """Raise ConfigError if a checkpoint saved with ``meta`` (``Session.checkpoint_meta()``
-        of the saving run: ``world_size``, ``data_parallel_size``, ``strategy`` and this hook's
-        partner ``checkpoint_meta``) cannot be loaded by this run. Called on every rank before
-        any state is loaded, so a mismatch fails everywhere alike. The default accepts any
-        world size: ``state_dict`` holds the whole model and optimizer, and the data position
-        is remapped by the Trainer. Strategies with sharded state override this."""
+        """Raise ConfigError if a checkpoint saved with ``meta`` (the saving run's
+        ``world_size``, ``data_parallel_size``, ``strategy``, ``layout`` and this hook's partner
+        ``checkpoint_meta``) cannot be loaded by this run. Called on every rank before any state
+        is loaded, so a mismatch fails everywhere alike. The default accepts any world size: the
+        state is whole, and the data position is remapped by the loaders."""
 
     def replica_key(self, env: "DistEnv") -> str:
         """Ranks that return the same key build identical models (``build_model``); the
@@ -263,48 +268,24 @@ class Strategy:
         part's name."""
         return ""
 
-    def join(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """A context manager for loops in which ranks take different numbers of steps (uneven
-        inputs). Default: torch's ``Join`` when the wrapped model supports it (DDP: ranks that
-        finished shadow the others' allreduces, then the last rank to finish broadcasts its
-        parameters), a no-op for one process. Strategies that cannot train on uneven inputs
-        raise ConfigError here."""
-        from torch.distributed.algorithms import Join, Joinable
-
-        if not dist.is_initialized() or dist.get_world_size(self.reduce_group()) == 1:
-            return contextlib.nullcontext()
-        if isinstance(model, Joinable):
-            return Join([model])
-        raise ConfigError(
-            f"strategy {self.name} cannot train on uneven inputs (ranks with different numbers of "
-            f"batches): give every rank the same number of batches, e.g. ds.prepare(loader) with drop_last=True"
-        )
-
     def writes_checkpoint(self) -> bool:
         """Whether this rank writes the checkpoint file (rank 0 for data parallelism)."""
         return self.env is None or self.env.is_rank_zero
 
     def save_checkpoint(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path", extra: dict[str, Any],
-        keep_last: int | None = None,
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path"
+    ) -> dict[str, Any] | None:
+        """Called on every rank for checkpoint ``path``. Returns, on the rank that
+        ``writes_checkpoint``, the dict to write as the manifest file (the Session adds its own
+        state and writes it atomically); ``None`` elsewhere. Default: the whole ``state_dict``."""
+        state = self.state_dict(model, optimizer)
+        return state if self.writes_checkpoint() else None
+
+    def load_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path", manifest: dict[str, Any]
     ) -> None:
-        """Write a checkpoint at ``path`` (called on every rank; the Session barriers after).
-        Default: ``state_dict`` plus ``extra`` as one atomic file from the ranks that
-        ``writes_checkpoint``. Engines with their own sharded format (DeepSpeed) override this
-        and ``load_checkpoint``; ``path`` must still end up a loadable file holding ``extra``."""
-        from disttrain import checkpoint as ckpt
-
-        state = {**self.state_dict(model, optimizer), "extra": extra}
-        if self.writes_checkpoint():
-            ckpt.save(state, path.parent, path.name, keep_last=keep_last)
-
-    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: "Path") -> dict[str, Any]:
-        """Load what ``save_checkpoint`` wrote into model and optimizer; returns ``extra``."""
-        from disttrain import checkpoint as ckpt
-
-        state = ckpt.load(path)
-        self.load_state_dict(model, optimizer, state)
-        return state.get("extra", {})
+        """Load what ``save_checkpoint`` wrote for ``path`` (its manifest: ``manifest``)."""
+        self.load_state_dict(model, optimizer, manifest)
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, x: Any) -> Any:

@@ -13,12 +13,12 @@ Install: ``pip install -c requirements/constraints.txt -e '.[deepspeed]'`` (see 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,6 @@ _OWNED_KEYS = {
     "optimizer": "optimizer=... (disttrain hands your torch optimizer to DeepSpeed)",
 }
 
-CHECKPOINT_SUBDIR = "deepspeed"  # DeepSpeed's shards live in <checkpoint dir>/deepspeed/<tag>/
 
 
 def import_deepspeed(what: str = "strategy=deepspeed") -> Any:
@@ -277,42 +276,40 @@ class DeepSpeedStrategy(Strategy):
     def writes_checkpoint(self) -> bool:
         return True  # every rank writes its own ZeRO shard
 
-    def save_checkpoint(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path, extra: dict[str, Any],
-        keep_last: int | None = None,
-    ) -> None:
-        """DeepSpeed's ``save_checkpoint`` into ``<dir>/deepspeed/<stem>/`` on every rank, then,
-        once every shard is written, rank 0 writes ``path`` (a small manifest with ``extra``)
-        atomically and advances the ``latest`` pointer: the pointer never names a partial
-        checkpoint, and ``trainer.resume=auto`` finds it like any other."""
-        path = Path(path)
-        shards = path.parent / CHECKPOINT_SUBDIR
-        model.save_checkpoint(str(shards), tag=path.stem, client_state={}, save_latest=False)
+    def checkpoint_layout(self) -> str:
+        return "deepspeed"
+
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict | None:
+        """DeepSpeed's ``save_checkpoint`` into ``checkpoint.shards_dir(path)`` on every rank; once
+        every shard is written, rank 0 returns the manifest (the Session writes it atomically and
+        advances ``latest``): the pointer never names a partial checkpoint."""
+        shards = ckpt.shards_dir(Path(path))
+        model.save_checkpoint(str(shards.parent), tag=shards.name, client_state={}, save_latest=False)
         self.barrier()
         if self.env is None or self.env.is_rank_zero:
-            manifest = {"deepspeed": {"dir": CHECKPOINT_SUBDIR, "tag": path.stem, "zero_stage": self.zero_stage},
-                        "extra": extra}
-            ckpt.save(manifest, path.parent, path.name, keep_last=keep_last)
-            kept = {p.stem for p in ckpt.list_checkpoints(path.parent)}
-            for old in shards.iterdir():
-                if old.is_dir() and old.name not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
+            return {"deepspeed": {"tag": shards.name, "zero_stage": self.zero_stage}}
+        return None
 
-    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict[str, Any]:
-        path = Path(path)
-        manifest = ckpt.load(path)
+    def load_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path, manifest: dict
+    ) -> None:
+        """DeepSpeed's ``load_checkpoint``, with every ``torch.load`` it makes restricted to
+        ``weights_only=True`` (DeepSpeed itself passes ``weights_only=False``, which would run
+        whatever a crafted shard's pickle asks): only the DeepSpeed data classes its files hold
+        are allowed besides tensors and containers."""
         info = manifest.get("deepspeed")
         if info is None:
             raise ConfigError(
                 f"{path} was not written by strategy=deepspeed (no DeepSpeed shards): resume it with the strategy "
                 f"that wrote it, or start fresh"
             )
-        load_path, _ = model.load_checkpoint(
-            str(path.parent / info["dir"]), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        shards = ckpt.shards_dir(Path(path))
+        with weights_only_loads():
+            load_path, _ = model.load_checkpoint(
+                str(shards.parent), tag=shards.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint {info['tag']!r} under {path.parent / info['dir']}")
-        return manifest.get("extra", {})
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {shards}")
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
@@ -320,6 +317,34 @@ class DeepSpeedStrategy(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "zero_stage": self.zero_stage, "config": self.extra_config}
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The DeepSpeed classes its ZeRO checkpoint files pickle (plain data: a loss-scaler's
+    numbers, an enum, a named tuple of offsets); nothing that can run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every ``torch.load`` (DeepSpeed's included: it calls ``torch.load`` by attribute)
+    runs with ``weights_only=True`` and DeepSpeed's data classes allow-listed."""
+    real = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = real  # type: ignore[assignment]
 
 
 def _bf16_io_forward(forward: Any) -> Any:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.env import DistEnv
+from disttrain.env import DistEnv, listen_address
 from disttrain.errors import ConfigError
 from disttrain.strategies.base import Strategy, require
 
@@ -106,7 +106,6 @@ class HorovodStrategy(Strategy):
         address: list[Any] = [None]
         if env.rank == 0:
             from horovod.runner.common.util.hosts import SlotInfo
-            from horovod.runner.http.http_server import RendezvousServer
 
             slots = [
                 SlotInfo(
@@ -116,8 +115,7 @@ class HorovodStrategy(Strategy):
                 )
                 for p in sorted(everyone, key=lambda p: p["rank"])
             ]
-            self._server = RendezvousServer()
-            port = self._server.start()
+            self._server, port = _bound_rendezvous_server(listen_address(env))
             self._server.init(slots)
             address = [(env.master_addr if env.num_nodes > 1 else "127.0.0.1", port)]
         dist.broadcast_object_list(address, src=0)
@@ -221,6 +219,19 @@ class HorovodStrategy(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "compression": self.compression}
+
+
+def _bound_rendezvous_server(address: str) -> tuple[Any, int]:
+    """Horovod's HTTP rendezvous server, listening on ``address`` only (``RendezvousServer.start``
+    binds every interface). Horovod 0.28.1 is its last release, so the attributes set here are
+    stable; the server is otherwise used exactly as ``start`` leaves it."""
+    from horovod.runner.util.threads import in_thread
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer, RendezvousServer
+
+    server = RendezvousServer()
+    server._httpd = RendezvousHTTPServer((address, 0), RendezvousHandler, False)
+    server._listen_thread = in_thread(target=server._httpd.serve_forever)
+    return server, server._httpd.server_address[1]
 
 
 def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:

@@ -605,7 +605,6 @@ class ParameterServerStrategy(Strategy):
         if self._window_losses:
             loss = sum(self._window_losses) / len(self._window_losses)
             scalars["train/loss"] = loss
-            lg.loss(step, loss)
         for w in self._w.values():
             if w.elapsed_s > 0:
                 scalars[f"ps/worker{w.rank}/samples_per_sec"] = w.samples / w.elapsed_s
