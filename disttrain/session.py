@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import io
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from disttrain.checkpoint import atomic_write_bytes
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
 from disttrain.loaders import ShardedLoader, shard_loader
@@ -333,12 +335,25 @@ class Session:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike, keep_last: int | None = None, **extra: Any) -> Path:
+    def save(self, path: str | os.PathLike, keep_last: int | None = None, full: bool = False, **extra: Any) -> Path:
         """Save model, optimizer, the prepared loaders' positions, registered objects (e.g. LR
         schedulers), every rank's RNG states and ``extra`` (tensors, numbers, strings, containers)
         to ``path`` atomically. Call on every rank; the strategy decides who writes what. With
         ``keep_last``, this run's older checkpoints in the same directory beyond that many are
-        removed (never another run's, never the one ``latest`` names)."""
+        removed (never another run's, never the one ``latest`` names).
+
+        ``full=True`` instead exports the whole model for inference or another strategy: one
+        file ``{"model": state_dict, "extra": extra}`` under the unsplit model's keys, gathered
+        from shards or pipeline stages by the strategy, written by rank 0 (no optimizer: not a
+        checkpoint to resume from). Load it with ``torch.load(path, weights_only=True)``."""
+        if full:
+            state = self.strategy.export_state_dict(self._require_model())
+            if state is not None:
+                buf = io.BytesIO()
+                torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}, "extra": extra}, buf)
+                atomic_write_bytes(Path(path), buf.getvalue())
+            self.barrier()
+            return Path(path)
         return self.state.save(Path(path), extra, keep_last=keep_last)
 
     def load(

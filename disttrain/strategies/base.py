@@ -242,6 +242,12 @@ class Strategy:
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
 
+    def export_state_dict(self, model: nn.Module) -> dict[str, Any] | None:
+        """The whole model's ``state_dict`` under the unsplit model's keys, on global rank 0
+        (``None`` elsewhere), for inference or another strategy: strategies holding shards or
+        stages gather them here (collective). Default: the local model, which is whole."""
+        return self.unwrap(model).state_dict() if self.env is None or self.env.is_rank_zero else None
+
     def checkpoint_layout(self) -> str:
         """How ``save_checkpoint`` stores model and optimizer: ``full`` (one whole state dict,
         readable by every strategy of that layout) or a strategy-specific name for sharded forms.
