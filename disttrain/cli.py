@@ -160,6 +160,7 @@ def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
     for group in TARGETS:
         check_target(cfg, group, required=True)
     check_target(cfg, "scheduler", required=False)
+    probe_optimizer(cfg)
     strategy = build_strategy(cfg.strategy)
     strategy.validate(env)
     trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
@@ -198,6 +199,22 @@ def check_target(cfg: DictConfig, group: str, required: bool) -> None:
     values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
     if callable(obj):
         schema.check_call(obj, values, group)
+
+
+def probe_optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer once over a dummy parameter: its own checks (a negative learning
+    rate, betas out of range) fail here, on every rank, not after the process group started."""
+    import torch
+
+    try:
+        instantiate(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    except ConfigError as exc:
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise ConfigError(
+            f"optimizer: {root} (optimizer._target_={cfg.optimizer.get('_target_')}): fix the optimizer.* values"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- the job

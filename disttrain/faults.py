@@ -7,6 +7,8 @@ Set ``DISTTRAIN_FAULT`` to one or more comma-separated ``KIND@RANK:STEP`` specs:
 * ``raise@1:5``  rank 1 raises RuntimeError right after step 5 (a bug in the step)
 * ``data@1:3``   rank 1 raises while loading the batches of step 3 (a bad sample / IO error)
 * ``save@0:4``   rank 0 raises while saving the checkpoint of step 4 (a full disk)
+* ``term@0:5``   rank 0 sends SIGTERM to its parent (the torchrun agent) right after step 5, as a
+  scheduler stopping the job would (the agent forwards it to every worker)
 
 A fault fires only on the first attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` 0 or
 unset), so a job launched with ``--max-restarts`` recovers on the next attempt. Unset, this module
@@ -19,7 +21,7 @@ import os
 import signal
 
 ENV = "DISTTRAIN_FAULT"
-_POINTS = {"kill": "step", "raise": "step", "data": "data", "save": "save"}
+_POINTS = {"kill": "step", "raise": "step", "data": "data", "save": "save", "term": "step"}
 
 
 class InjectedFault(RuntimeError):
@@ -52,4 +54,7 @@ def inject(point: str, rank: int, step: int) -> None:
             continue
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "term":
+            os.kill(os.getppid(), signal.SIGTERM)
+            return
         raise InjectedFault(f"injected fault {kind}@{rank}:{step} ({ENV}) on rank {rank} at step {step}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import sys
 import time
 import uuid
@@ -452,6 +453,11 @@ class Trainer:
             extra = self.s.load(path, manifest=manifest)
         except ConfigError:
             raise
+        except pickle.UnpicklingError as exc:  # a shard of a sharded checkpoint (the manifest loaded)
+            raise ConfigError(
+                f"trainer.resume: checkpoint {path} does not load ({ckpt.describe_load_error(exc)}). Resume from "
+                f"another checkpoint or set trainer.resume=null"
+            ) from exc
         except Exception as exc:  # every rank loads the same file, so every rank fails alike
             raise ConfigError(
                 f"trainer.resume: checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc)[:300]}). "

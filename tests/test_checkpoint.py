@@ -125,3 +125,90 @@ def test_trainer_refuses_malicious_resume_path(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"(?s)evil\.pt.*refused by weights_only"):
             trainer.fit()
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ rotation and lineage
+def test_rotation_keeps_this_runs_new_checkpoints_and_never_another_runs(tmp_path: Path) -> None:
+    """The reported data loss: a directory already holding a higher-numbered checkpoint of an
+    earlier run made every new save be deleted at once (rotation sorted by file name)."""
+    ckpt.save({"step": 550}, tmp_path, "step_00000550.pt", keep_last=3, lineage="earlier-run")
+    for step in range(1, 5):
+        ckpt.save({"step": step}, tmp_path, f"step_{step:08d}.pt", keep_last=2, lineage="this-run")
+        assert (tmp_path / f"step_{step:08d}.pt").is_file()  # the file just written is never deleted
+        assert (tmp_path / ckpt.POINTER).read_text() == f"step_{step:08d}.pt"
+    names = sorted(p.name for p in ckpt.list_checkpoints(tmp_path))
+    assert names == ["step_00000003.pt", "step_00000004.pt", "step_00000550.pt"]
+
+
+def test_rotation_removes_shards_and_spares_the_pointer_target(tmp_path: Path) -> None:
+    for step in (1, 2):
+        ckpt.shards_dir(tmp_path / f"step_{step:08d}.pt").mkdir(parents=True)
+        ckpt.save({"sharded": True}, tmp_path, f"step_{step:08d}.pt", keep_last=1, lineage="run")
+    assert not ckpt.shards_dir(tmp_path / "step_00000001.pt").exists()
+    assert ckpt.shards_dir(tmp_path / "step_00000002.pt").is_dir()
+    ckpt.remove_checkpoint(tmp_path / "step_00000002.pt")  # what `latest` names is never removed
+    assert (tmp_path / "step_00000002.pt").is_file()
+
+
+def _tiny_trainer(session, run_dir: Path, resume: str | None):
+    from disttrain.data import synthetic_regression
+    from disttrain.trainer import Trainer, TrainerConfig
+
+    model = torch.nn.Linear(8, 1)
+    return Trainer(
+        session, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(),
+        synthetic_regression(64)[0], batch_size=16, run_dir=run_dir,
+        config=TrainerConfig(max_epochs=1, resume=resume, progress_bar=False),
+    )
+
+
+@pytest.mark.timeout(60)
+def test_resume_auto_with_nothing_loadable_refuses_instead_of_starting_over(tmp_path: Path) -> None:
+    """A directory whose every checkpoint fails to load is not silently reused by a fresh run
+    (whose saves would mix with the old files and which a later resume=auto could pick)."""
+    from disttrain.errors import ConfigError
+    from disttrain.session import Session
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000550.pt").write_bytes(b"truncated")
+    with Session("single") as s:
+        trainer = _tiny_trainer(s, tmp_path, "auto")
+        with pytest.raises(ConfigError, match=r"no checkpoint in .* loads \(1 found: \['step_00000550.pt'\]"):
+            trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000550.pt"]  # nothing written
+
+
+@pytest.mark.timeout(60)
+def test_plug_in_load_of_a_crafted_file_names_the_danger(tmp_path: Path) -> None:
+    """``ds.load(evil.pt)`` refuses it and does not repeat torch's advice to retry with
+    ``weights_only=False`` (the one thing never to do with that file)."""
+    import disttrain
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "extra": _Payload(str(marker))}, evil)
+    with disttrain.setup(strategy="single") as ds:
+        model = torch.nn.Linear(2, 2)
+        ds.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        with pytest.raises(pickle.UnpicklingError) as info:
+            ds.load(evil)
+    assert "refused by weights_only" in str(info.value) and "weights_only=False" not in str(info.value).replace(
+        "do not load it with weights_only=False", "")
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_of_another_layout_names_the_strategy_change(tmp_path: Path) -> None:
+    """A pipeline (or sharded) checkpoint resumed by a whole-model strategy is refused with a
+    message naming both strategies, not a KeyError from deep inside a state dict."""
+    import disttrain
+    from disttrain.errors import ConfigError
+
+    path = tmp_path / "step_00000004.pt"
+    ckpt.save({"extra": {"meta": {"strategy": "model_parallel", "layout": "pipeline", "format": 3}}},
+              tmp_path, path.name)
+    with disttrain.setup(strategy="single") as ds:
+        model = torch.nn.Linear(2, 2)
+        ds.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        with pytest.raises(ConfigError, match="written by strategy='model_parallel'.*resume with strategy=model_parallel"):
+            ds.load(path)
