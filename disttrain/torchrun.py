@@ -17,6 +17,7 @@ shared (``TORCHELASTIC_USE_AGENT_STORE``) they serve no store of their own.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any, Sequence
@@ -121,9 +122,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not any(a.startswith("--local-addr") or a.startswith("--local_addr") for a in argv):
             # the address the agent advertises to the workers (MASTER_ADDR): the bound one
             argv = [f"--local-addr={addr}", *argv]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(argv)
+    try:
+        torchrun_main(argv)
+    except SignalException as exc:
+        # torchrun passed the signal on to the workers and waited for them (--shutdown-timeout):
+        # they finished their step and checkpointed (trainer.save_on_preempt); end quietly, with
+        # the shell's code for death by that signal
+        name = signal.Signals(exc.sigval).name
+        print(f"disttrain.torchrun: stopped by {name}; the workers were asked to checkpoint and stop "
+              f"(resume with trainer.resume=auto)", file=sys.stderr, flush=True)
+        sys.exit(128 + int(exc.sigval))
 
 
 if __name__ == "__main__":

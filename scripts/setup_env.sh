@@ -14,8 +14,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.disttrain-installed"
-WANT="$(cat "$ROOT/setup.cfg" "$ROOT/requirements/constraints.txt" | sha256sum | cut -c1-16)-$EXTRAS"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+HASH="$(cat "$ROOT/setup.cfg" "$ROOT/requirements/constraints.txt" | sha256sum | cut -c1-16)"
+WANT="$HASH-$EXTRAS"
+installed_covers() {  # the stamp's hash matches and its extras include every requested one
+  [ -f "$STAMP" ] || return 1
+  local have; have="$(cat "$STAMP")"
+  [ "${have%%-*}" = "$HASH" ] || return 1
+  local extra
+  for extra in ${EXTRAS//,/ }; do
+    case ",${have#*-}," in *",$extra,"*) ;; *) return 1 ;; esac
+  done
+}
+if ! installed_covers; then
   echo "[setup] installing disttrain[$EXTRAS] with torch pinned by requirements/constraints.txt" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/requirements/constraints.txt" \
     -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" >&2 || true

@@ -7,11 +7,14 @@ own argument parser, given the variables the operator sets, reads the intended o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,46 @@ def test_launch_cli_dry_run(capsys):
     spec = TorchrunSpec(nproc_per_node=os.environ.get("NPROC", "2"), nnodes=2, rdzv_endpoint="h:1", rdzv_id="disttrain")
     assert capsys.readouterr().out.split()[len(launch.this_python_torchrun()):] == [
         *torchrun_args(spec), "-m", "disttrain", "a=1"]
+
+
+# ------------------------------------------------------------------------------ what the shipped launchers listen on
+TINY_JOB = ["experiment=regression_exact", "trainer.max_epochs=1", "trainer.progress_bar=false", "dist.timeout_s=60"]
+LOCAL_LAUNCHERS = {
+    "scripts/train.sh": (["bash", "scripts/train.sh"], {}),
+    "launchers/local.sh": (["bash", "launchers/local.sh"], {}),
+    "launchers/multinode.sh": (["bash", "launchers/multinode.sh"],
+                               {"NNODES": "1", "RDZV_HOST": "localhost", "RDZV_ID": "sockets", "MAX_RESTARTS": "0"}),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", list(LOCAL_LAUNCHERS))
+def test_shipped_launcher_listens_on_loopback_only(name, tmp_path):
+    """Every TCP socket that the launcher or any of its workers listens on while a 2-process job
+    runs (torchrun's rendezvous store, gloo's pair sockets, anything else) is on loopback."""
+    from tests.distributed import free_port
+    from tests.test_reliability import _listening_sockets
+
+    cmd, env = LOCAL_LAUNCHERS[name]
+    full = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "DISTTRAIN_VENV": sys.prefix, "RDZV_PORT": str(free_port()), **env,
+            # the recipes run `python -m disttrain.torchrun`: the environment disttrain is installed in
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DISTTRAIN_BIND_ADDR", "GLOO_SOCKET_IFNAME"):
+        full.pop(var, None)
+    proc = subprocess.Popen([*cmd, *TINY_JOB, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sockets: set = set()
+    try:
+        while proc.poll() is None:
+            sockets |= _listening_sockets(proc.pid)
+            time.sleep(0.1)
+        out = proc.communicate(timeout=200)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    pids = {pid for _, _, pid in sockets}
+    assert len(pids) >= 3, f"saw listeners of {len(pids)} processes only (agent + 2 workers expected): {sockets}"
+    exposed = sorted(s for s in sockets if s[0] not in ("127.0.0.1", "::1"))
+    assert not exposed, f"listening beyond loopback (address, port, pid): {exposed}"

@@ -8,6 +8,7 @@ The oracle is always an uninterrupted run of the same job; nothing is hard-coded
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ FINAL = "step_00000016.pt"
 
 def _torchrun(run_dir: Path, extra=(), env=None, torchrun_args=(), timeout=200, watch=None, launcher="disttrain.torchrun"):
     """``python -m disttrain.torchrun`` (torchrun whose stores listen on the configured address)
-    in its own session; ``watch(pgid)`` is polled while it runs. Kills the whole group at the end."""
+    in its own session; ``watch(pid)`` is polled while it runs. Kills the whole group at the end."""
     cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", *torchrun_args,
            "-m", "disttrain", *JOB, f"hydra.run.dir={run_dir}", *extra]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
@@ -60,14 +61,31 @@ def _torchrun(run_dir: Path, extra=(), env=None, torchrun_args=(), timeout=200, 
     return proc.returncode, out
 
 
-def _listening_sockets(pgid: int) -> set[tuple[str, int, int]]:
-    """(local address, port, pid) of every listening TCP socket of the processes in ``pgid``,
-    from /proc/net/tcp{,6} matched to the processes' socket inodes."""
-    found = set()
+def _descendants(root: int) -> set[int]:
+    """``root`` and every process below it (torchrun starts its workers in sessions of their own,
+    so a process group does not find them: follow the parent links in /proc instead)."""
+    parents: dict[int, int] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.getpgid(int(pid)) != pgid:
-                continue
+            stat = open(f"/proc/{pid}/stat").read()
+            parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parents.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def _listening_sockets(root: int) -> set[tuple[str, int, int]]:
+    """(local address, port, pid) of every listening TCP socket of ``root`` and its descendants
+    (the launcher, torchrun's agent and every worker), from /proc/net/tcp{,6} matched to the
+    processes' socket inodes."""
+    found = set()
+    for pid in _descendants(root):
+        try:
             inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
                       if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
             for table in ("tcp", "tcp6"):
@@ -107,7 +125,7 @@ def oracle(tmp_path_factory):
     """The uninterrupted run (the oracle for the kill test), watched for listening sockets."""
     run_dir = tmp_path_factory.mktemp("oracle")
     sockets: set = set()
-    rc, out = _torchrun(run_dir, watch=lambda pgid: sockets.update(_listening_sockets(pgid)))
+    rc, out = _torchrun(run_dir, watch=lambda pid: sockets.update(_listening_sockets(pid)))
     assert rc == 0, out[-4000:]
     return torch.load(run_dir / "checkpoints" / FINAL, weights_only=True), sockets, out
 
@@ -131,13 +149,38 @@ def test_sigkill_mid_run_restarts_and_matches_uninterrupted(oracle, tmp_path: Pa
         assert all(torch.equal(got["optimizer"]["state"][k][n], t) for n, t in v.items() if torch.is_tensor(t))
 
 
+# ------------------------------------------------------------------------ preemption
+@pytest.mark.timeout(420)
+def test_sigterm_checkpoints_at_an_agreed_step_and_resume_matches_uninterrupted(oracle, tmp_path: Path) -> None:
+    """The scheduler stops the job: SIGTERM reaches the torchrun agent (sent here by rank 0 itself
+    after step 5, as Kubernetes or scancel would), the agent forwards it to every worker, each
+    finishes its step, they agree on one step, the job checkpoints there and exits with 75
+    (EXIT_PREEMPTED). A relaunch with resume=auto ends with the uninterrupted run's weights."""
+    want, _, _ = oracle
+    rc, out = _torchrun(tmp_path, env={"DISTTRAIN_FAULT": "term@0:5"}, timeout=150)
+    assert rc != 0, out[-4000:]
+    stopped = re.findall(r"stopped on SIGTERM after step (\d+); checkpoint (\S+) written", out)
+    assert len(stopped) == 2, out[-4000:]  # both ranks, the same step and file
+    assert len(set(stopped)) == 1, stopped
+    step = int(stopped[0][0])
+    assert 5 < step < 16 and Path(stopped[0][1]).is_file()
+    assert "disttrain.torchrun: stopped by SIGTERM" in out and "Traceback" not in out
+    rc, out = _torchrun(tmp_path, timeout=150)
+    assert rc == 0, out[-4000:]
+    assert f"at step {step}" in out and "resumed from" in out
+    got = torch.load(tmp_path / "checkpoints" / FINAL, weights_only=True)
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), f"parameter {k} differs from the uninterrupted run"
+    assert torch.equal(got["extra"]["loss_history"], want["extra"]["loss_history"])
+
+
 # ------------------------------------------------------------------------ 8: what listens
 @pytest.mark.timeout(420)
 def test_listening_sockets_bound_to_loopback(oracle) -> None:
-    """Every TCP socket the single-node job listened on (the rendezvous and worker stores,
-    anything in the workers), read from /proc/net/tcp{,6} while it ran, is on loopback."""
+    """Every TCP socket the single-node job listened on (the rendezvous and worker stores, the
+    workers' gloo sockets), read from /proc/net/tcp{,6} while it ran, is on loopback."""
     _, sockets, _ = oracle
-    assert sockets, "no listening socket seen: the watcher did not catch the job running"
+    assert len({pid for *_, pid in sockets}) >= 3, f"the watcher missed the agent or a worker: {sockets}"
     exposed = sorted(s for s in sockets if s[0] not in ("127.0.0.1", "::1"))
     assert not exposed, f"listening beyond loopback (address, port, pid): {exposed}"
 
