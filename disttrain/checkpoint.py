@@ -121,11 +121,11 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(shards_dir(path), ignore_errors=True)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers
     only. A file that needs arbitrary unpickling is refused before any of it runs."""
     try:
-        return torch.load(Path(path), map_location=map_location, weights_only=True)
+        return torch.load(Path(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # torch's own message advises retrying with weights_only=False: exactly what must not be done
         raise pickle.UnpicklingError(f"{path}: {describe_load_error(exc)}") from None

@@ -110,7 +110,15 @@ class RunState:
         app = dict(manifest.get("extra") or {})
         meta = app.get("meta") or {}
         self.check(meta, path)
-        self.strategy.load_checkpoint(model, self.optimizer, path, manifest)
+        failure: BaseException | None = None
+        try:
+            self.strategy.load_checkpoint(model, self.optimizer, path, manifest)
+        except Exception as exc:  # a shard may fail on one rank only: every rank must stop alike
+            failure = exc
+        if self._any_rank(failure is not None):
+            raise failure or RuntimeError(
+                f"checkpoint {path}: another rank could not load its part of it (its error is above); stopping here too"
+            )
         for ld, st in zip(self.loaders, app.get("loaders") or []):
             ld.load_state_dict(st)
         objects = app.get("objects") or []
@@ -146,6 +154,14 @@ class RunState:
         if self.model is None:
             raise RuntimeError("call ds.prepare(model, optimizer, ...) before backward()/step()/save()/load()")
         return self.model
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank of the job (one small all-reduce)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.strategy.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _gather_rng(self) -> dict[int, Any]:
         """Every checkpointing rank's random states, keyed by global rank (collective over the

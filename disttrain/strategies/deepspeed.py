@@ -156,6 +156,8 @@ class DeepSpeedStrategy(Strategy):
         if self.engine is not None:
             self.engine.destroy()  # releases its hooks and buffers before the process group ends
         self.engine = None
+        _forget_process_groups()
+
 
     # ------------------------------------------------------------------ config
     def ds_config(self) -> dict[str, Any]:
@@ -305,6 +307,11 @@ class DeepSpeedStrategy(Strategy):
             )
         shards = ckpt.shards_dir(Path(path))
         with weights_only_loads():
+            # every rank checks every shard (memory-mapped: the pickles only, not the tensor data)
+            # before DeepSpeed's collective load: a refused file stops every rank alike, none
+            # waits in a collective the others never reach
+            for f in sorted(shards.rglob("*.pt")):
+                ckpt.load(f, mmap=True)
             load_path, _ = model.load_checkpoint(
                 str(shards.parent), tag=shards.name, load_optimizer_states=True, load_lr_scheduler_states=False
             )
@@ -364,3 +371,22 @@ def _bf16_io_forward(forward: Any) -> Any:
         return cast(forward(*cast(args, torch.bfloat16), **cast(kwargs, torch.bfloat16)), torch.float32)
 
     return wrapped
+
+
+def _forget_process_groups() -> None:
+    """DeepSpeed caches its process groups (and its comm backend) in module globals; once the
+    Session ends the default group they are dead handles, and a later Session in the same process
+    (a notebook, a test) would fail with "Group ... is not registered". Reset them to their
+    import-time values so the next ``deepspeed.initialize`` makes fresh ones."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
+    ds_comm.cdb = None
