@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from disttrain.errors import ConfigError
+from disttrain.tree import to_plain  # noqa: F401  (re-exported: configs and user code import it here)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -30,16 +31,6 @@ def group_config(group: str, name: str) -> DictConfig:
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
     return cfg
-
-
-def to_plain(obj: Any) -> Any:
-    """OmegaConf containers (as Hydra passes them to ``_target_`` constructors) to plain
-    dicts and lists; anything else unchanged."""
-    from omegaconf import ListConfig
-
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
 
 
 def instantiate(cfg: Mapping[str, Any] | DictConfig, what: str, **kwargs: Any) -> Any:

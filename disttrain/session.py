@@ -73,11 +73,9 @@ class Session:
         self.strategy = build_strategy(strategy, **strategy_options)
         self.strategy.validate(self.env)  # before any process group: fails on every rank alike
         self.device = self.env.device(accelerator)
-        self.precision = precision
-        self.accumulate = int(gradient_accumulation_steps)
-        self.grad_clip = grad_clip
         self.num_threads = configure_threads(self.device, num_threads)
-        self.strategy.configure(RunOptions(precision, self.accumulate, grad_clip))
+        # the one record of these options: the strategy reads them too (DeepSpeed's config)
+        self.strategy.run_options = RunOptions(precision, int(gradient_accumulation_steps), grad_clip)
         if seed is not None:
             seed_everything(seed)
         self.strategy.setup(self.env, self.device, self.env.backend(self.device, backend), timeout_s)
@@ -102,6 +100,19 @@ class Session:
     def is_main(self) -> bool:
         """True on the one process that logs and writes files (global rank 0)."""
         return self.env.is_rank_zero
+
+    @property
+    def accumulate(self) -> int:
+        """Micro-batches per optimizer step (``gradient_accumulation_steps``)."""
+        return self.strategy.run_options.gradient_accumulation_steps
+
+    @property
+    def grad_clip(self) -> float | None:
+        return self.strategy.run_options.grad_clip
+
+    @property
+    def precision(self) -> str:
+        return self.strategy.run_options.precision
 
     @property
     def data_shard(self) -> tuple[int, int]:

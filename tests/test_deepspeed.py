@@ -187,7 +187,7 @@ def test_config_maps_session_options_and_merges_passthrough():
 
     strategy = build_strategy("deepspeed", zero_stage=3, config={"zero_optimization": {"overlap_comm": True},
                                                                  "communication_data_type": "fp32"})
-    strategy.configure(RunOptions(precision="bf16", gradient_accumulation_steps=4, grad_clip=0.5))
+    strategy.run_options = RunOptions(precision="bf16", gradient_accumulation_steps=4, grad_clip=0.5)
     cfg = strategy.ds_config()
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 0.5
@@ -195,5 +195,5 @@ def test_config_maps_session_options_and_merges_passthrough():
     assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert cfg["communication_data_type"] == "fp32"
     # no trainer.grad_clip means no clipping (DeepSpeed's own default would clip at 1.0)
-    strategy.configure(RunOptions())
+    strategy.run_options = RunOptions()
     assert strategy.ds_config()["gradient_clipping"] == 0.0

@@ -123,40 +123,108 @@ def test_two_workers_synchronous_has_zero_staleness_and_equals_global_batch():
     assert all(r["steps"] == steps for r in results)  # the Trainer's step reaches servers too
 
 
+class _FakeTransport:
+    """Feeds a Server the messages a test scripts and records what it sends."""
+
+    def __init__(self) -> None:
+        self.inbox: list = []  # (Header, gradient or None)
+        self.grads: dict[int, torch.Tensor] = {}
+        self.sent: list[tuple[int, int, torch.Tensor]] = []  # (dst, tag, tensor)
+
+    def recv_header(self, size: int):
+        header, grad = self.inbox.pop(0)
+        self.grads[header.worker] = grad
+        return header
+
+    def recv_grad(self, src: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.grads.pop(src)
+
+    def send(self, dst: int, tensor: torch.Tensor, tag: int) -> None:
+        self.sent.append((dst, tag, tensor.clone()))
+
+    def finish(self) -> None:
+        pass
+
+
+def _server(max_staleness, workers=(1, 2)):
+    from disttrain.strategies.parameter_server.server import Server
+
+    weight = nn.Parameter(torch.zeros(2))
+    transport = _FakeTransport()
+    server = Server([weight], torch.optim.SGD([weight], lr=1.0), list(workers), max_staleness, transport,
+                    num_groups=1)
+    return server, transport, weight
+
+
+def _message(server, transport, flags, worker, clock, grad=None):
+    from disttrain.strategies.parameter_server.protocol import Header
+
+    transport.inbox.append((Header(flags, worker, clock, loss=0.5, lrs=[1.0]), grad))
+    server.handle(transport.recv_header(0))
+    server.progress()
+
+
+def _replies(transport):
+    from disttrain.strategies.parameter_server.protocol import PARAMS
+
+    return [(dst, int(t[1])) for dst, tag, t in transport.sent if tag == PARAMS]
+
+
 def test_synchronous_update_waits_for_a_worker_whose_first_pull_comes_late():
     """The server's schedule at s = 0, driven message by message (no processes). Worker 1 pulls,
     computes and pushes before worker 2's first pull arrives: worker 2 must be sent version 0 and
     its gradient averaged with worker 1's into one update. (Applying worker 1's gradient alone
     first made a run sequential SGD on half batches with every gradient "0 stale"; under load
     the two-worker oracle test failed about one run in four.)"""
-    from disttrain.strategies.parameter_server import _PULL, _PUSH, _Worker
+    from disttrain.strategies.parameter_server.protocol import PULL, PUSH
 
-    st = ParameterServerStrategy(num_servers=1, max_staleness=0)
-    st._w = {1: _Worker(1), 2: _Worker(2)}
-    st._version, st._n, st._arrivals, st._snap_requests, st._window_losses = 0, 0, 0, [], []
-    events = []
+    server, transport, weight = _server(max_staleness=0)
+    _message(server, transport, PULL, 1, 0)
+    _message(server, transport, PUSH | PULL, 1, 1, torch.tensor([1.0, 0.0]))
+    assert server.updates == 0  # worker 2 still holds version 0: the update waits for it
+    _message(server, transport, PULL, 2, 0)
+    _message(server, transport, PUSH | PULL, 2, 1, torch.tensor([0.0, 3.0]))
+    assert _replies(transport) == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert server.updates == 1 and server.staleness_log == [(1, 1, 0), (2, 1, 0)]
+    assert torch.equal(weight.detach(), torch.tensor([-0.5, -1.5]))  # one step of the averaged gradient
 
-    def apply(group):
-        events.append(("apply", sorted(w.rank for w in group)))
-        for w in group:
-            w.state = "idle"
-        st._version += 1
 
-    def reply(w):
-        events.append(("reply", w.rank, st._version))
-        w.state, w.version, w.pull_since = "computing", st._version, None
+def test_synchronous_update_waits_for_a_worker_between_a_flushed_push_and_its_next_pull():
+    """s = 0: both workers flush their gradient of step 8 without a pull (before a collective:
+    a log step, a checkpoint), so after that update neither has parameters out. Worker 2 pulls,
+    computes and pushes step 9 before worker 1's pull arrives: the update must still wait for
+    worker 1 (found as 3 failures in 8 loaded runs of the two-worker oracle test)."""
+    from disttrain.strategies.parameter_server.protocol import PULL, PUSH
 
-    st._apply, st._reply = apply, reply
+    server, transport, weight = _server(max_staleness=0)
+    _message(server, transport, PUSH, 1, 1, torch.tensor([1.0, 0.0]))
+    _message(server, transport, PUSH, 2, 1, torch.tensor([0.0, 1.0]))
+    assert server.updates == 1
+    _message(server, transport, PULL, 2, 1)
+    _message(server, transport, PUSH | PULL, 2, 2, torch.tensor([0.0, 2.0]))
+    assert server.updates == 1  # worker 1 will compute step 2 on this version: wait for it
+    _message(server, transport, PULL, 1, 1)
+    _message(server, transport, PUSH | PULL, 1, 2, torch.tensor([2.0, 0.0]))
+    assert server.updates == 2 and server.staleness_log[-2:] == [(1, 2, 0), (2, 2, 0)]
+    assert _replies(transport) == [(2, 1), (1, 1), (1, 2), (2, 2)]
 
-    def message(flags, rank, clock):
-        st._handle(torch.tensor([flags, rank, clock, 0.5, 0, 0, 0, 0, 0], dtype=torch.float64))
-        st._progress()
 
-    message(_PULL, 1, 0)
-    message(_PUSH | _PULL, 1, 1)
-    message(_PULL, 2, 0)
-    message(_PUSH | _PULL, 2, 1)
-    assert events == [("reply", 1, 0), ("reply", 2, 0), ("apply", [1, 2]), ("reply", 1, 1), ("reply", 2, 1)]
+def test_staleness_bound_holds_a_fast_worker_back():
+    """s = 1, worker 2 never pushes: worker 1's pulls are answered while it is at most one step
+    ahead (clock rule) and its gradients applied while none would be more than one update stale."""
+    from disttrain.strategies.parameter_server.protocol import PULL, PUSH
+
+    server, transport, _ = _server(max_staleness=1)
+    _message(server, transport, PULL, 2, 0)  # worker 2 takes version 0 and stays busy
+    _message(server, transport, PULL, 1, 0)
+    _message(server, transport, PUSH | PULL, 1, 1, torch.ones(2))
+    _message(server, transport, PUSH | PULL, 1, 2, torch.ones(2))
+    # version 1 applied (worker 2's pending gradient would be 1 stale: allowed); clock 2 is 2
+    # ahead of worker 2's 0: the pull waits, the second gradient waits too (it would make 2 stale)
+    assert _replies(transport) == [(2, 0), (1, 0), (1, 1)]
+    assert server.updates == 1 and server.workers[1].state == "queued"
+    _message(server, transport, PUSH | PULL, 2, 1, torch.ones(2))  # the straggler arrives
+    assert server.updates == 3 and max(st for *_, st in server.staleness_log) <= 1
 
 
 # ---------------------------------------------------------------------- checkpoints during training

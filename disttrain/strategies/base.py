@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from disttrain.errors import ConfigError
+from disttrain.tree import map_tensors
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -62,10 +63,6 @@ class Strategy:
         self.device = torch.device("cpu")
         self.run_options = RunOptions()
         self._group_started = False
-
-    def configure(self, options: RunOptions) -> None:
-        """Receive the Session's training options (before ``setup``)."""
-        self.run_options = options
 
     # ------------------------------------------------------------------ lifecycle
     def validate(self, env: "DistEnv") -> None:
@@ -166,8 +163,21 @@ class Strategy:
         """Forward, backward and update over ``micro_batches`` (gradient accumulation: sync only
         on the last). Returns the mean loss of this rank, detached. Strategies that schedule
         micro-batches themselves (pipelines) or exchange gradients differently override this."""
+        loss, _ = self.forward_backward(model, micro_batches, loss_fn, timer)
+        with timer.phase("optimizer"):
+            self.optimizer_step(model, optimizer, grad_clip)
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def forward_backward(
+        self, model: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn, timer: "StepTimer"
+    ) -> tuple[torch.Tensor, int]:
+        """The accumulation loop, written once: forward and backward of every micro-batch, the
+        loss scaled by their number, gradients synchronised on the last only. Returns the mean
+        loss (detached) and the number of samples."""
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        samples = 0
         for i, (inputs, targets) in enumerate(micro_batches):
             self.set_grad_sync(model, i == n - 1)
             inputs, targets = self.to_device(inputs), self.to_device(targets)
@@ -176,10 +186,8 @@ class Strategy:
             with timer.phase("backward"):
                 self.backward(loss / n, model)
             total += loss.detach()
-        with timer.phase("optimizer"):
-            self.optimizer_step(model, optimizer, grad_clip)
-            optimizer.zero_grad(set_to_none=True)
-        return total / n
+            samples += len(targets)
+        return total / n, samples
 
     def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
         """Outputs for ``inputs`` in eval mode, or ``None`` on ranks that produce none (for
@@ -212,7 +220,7 @@ class Strategy:
         """Names of parameters that differ across the ranks that should hold identical copies.
         Compares per-parameter checksums with one max and one min reduction."""
         params = [(n, p) for n, p in self.unwrap(model).named_parameters()]
-        if not params or not dist.is_initialized():
+        if not params:
             return []
         sums = torch.stack([p.detach().double().sum() for _, p in params]).to(self.device)
         hi, lo = self.reduce(sums, "max"), self.reduce(sums, "min")
@@ -295,27 +303,8 @@ class Strategy:
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(self.device, non_blocking=True)
-        if isinstance(x, (list, tuple)):
-            return type(x)(self.to_device(v) for v in x)
-        if isinstance(x, dict):
-            return {k: self.to_device(v) for k, v in x.items()}
-        return x
-
-    def describe(self) -> dict[str, Any]:
-        """Options to log as hyperparameters."""
-        return {"strategy": self.name}
-
-
-@contextlib.contextmanager
-def no_grad_sync(strategy: Strategy, model: nn.Module) -> Iterator[None]:
-    """Context manager form of ``set_grad_sync(model, False)``."""
-    strategy.set_grad_sync(model, False)
-    try:
-        yield
-    finally:
-        strategy.set_grad_sync(model, True)
+        """``x`` (a tensor, or tensors in lists, tuples and dicts) on this rank's device."""
+        return map_tensors(lambda t: t.to(self.device, non_blocking=True), x)
 
 
 def require(condition: bool, message: str) -> None:

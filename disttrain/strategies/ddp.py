@@ -89,5 +89,3 @@ class DDPStrategy(Strategy):
         if isinstance(model, DistributedDataParallel):
             model.require_backward_grad_sync = enabled
 
-    def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "compression": self.compression, **self.options}

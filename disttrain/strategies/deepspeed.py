@@ -27,7 +27,7 @@ from torch import nn
 from disttrain import checkpoint as ckpt
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.registry import to_plain
+from disttrain.tree import map_tensors, to_plain
 from disttrain.strategies.base import Strategy, require
 
 log = logging.getLogger(__name__)
@@ -322,8 +322,6 @@ class DeepSpeedStrategy(Strategy):
     def summary(self) -> dict[str, Any]:
         return {"zero_stage": self.zero_stage}
 
-    def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "zero_stage": self.zero_stage, "config": self.extra_config}
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -358,13 +356,7 @@ def _bf16_io_forward(forward: Any) -> Any:
     import functools
 
     def cast(x: Any, dtype: torch.dtype) -> Any:
-        if torch.is_tensor(x) and x.is_floating_point():
-            return x.to(dtype)
-        if isinstance(x, (list, tuple)):
-            return type(x)(cast(v, dtype) for v in x)
-        if isinstance(x, dict):
-            return {k: cast(v, dtype) for k, v in x.items()}
-        return x
+        return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, x)
 
     @functools.wraps(forward)
     def wrapped(*args: Any, **kwargs: Any) -> Any:

@@ -11,9 +11,9 @@ Under torchrun, rank 0 starts Horovod's gloo rendezvous server and every rank le
 through torch's process group, sets the ``HOROVOD_*`` rank/size variables and calls
 ``hvd.init()`` - no ``horovodrun`` needed. With Horovod's own launcher::
 
-    horovodrun -np 2 --gloo python -m disttrain.strategies.horovod strategy=horovod
+    horovodrun -np 2 --gloo python -m disttrain.horovodrun strategy=horovod
 
-(this module's ``main`` maps ``HOROVOD_RANK``/``HOROVOD_SIZE``/... to the variables disttrain
+(``disttrain.horovodrun`` maps ``HOROVOD_RANK``/``HOROVOD_SIZE``/... to the variables disttrain
 reads, then runs the usual CLI; no torch process group is started then: every collective
 disttrain needs goes through Horovod).
 
@@ -93,7 +93,7 @@ class HorovodStrategy(Strategy):
         if hvd.size() != env.world_size or hvd.rank() != env.rank:
             raise RuntimeError(
                 f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher said rank {env.rank} of "
-                f"{env.world_size}: launch with torchrun, or with horovodrun through python -m disttrain.strategies.horovod"
+                f"{env.world_size}: launch with torchrun, or with horovodrun through python -m disttrain.horovodrun"
             )
 
     def _bootstrap_from_torch(self, env: DistEnv) -> None:
@@ -205,20 +205,10 @@ class HorovodStrategy(Strategy):
         if self._initialized and self.hvd.size() > 1:
             self.hvd.barrier()
 
-    def check_in_sync(self, model: nn.Module) -> list[str]:
-        params = list(self.unwrap(model).named_parameters())
-        if not params or not self._initialized or self.hvd.size() == 1:
-            return []
-        sums = torch.stack([p.detach().double().sum() for _, p in params])
-        hi, lo = self.reduce(sums, "max"), self.reduce(sums, "min")
-        return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
-
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
         return {"compression": self.compression}
 
-    def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "compression": self.compression}
 
 
 def _bound_rendezvous_server(address: str) -> tuple[Any, int]:
@@ -241,22 +231,3 @@ def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
             "Horovod's allreduce is still in flight"
         )
     torch.optim.Optimizer.zero_grad(self, set_to_none=set_to_none)
-
-
-def main() -> None:
-    """``horovodrun -np N --gloo python -m disttrain.strategies.horovod <overrides>``: map
-    Horovod's launcher variables to the ones disttrain reads, then run the usual CLI."""
-    e = os.environ
-    if "HOROVOD_RANK" in e and "RANK" not in e:
-        e["RANK"], e["WORLD_SIZE"] = e["HOROVOD_RANK"], e["HOROVOD_SIZE"]
-        e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"] = e.get("HOROVOD_LOCAL_RANK", "0"), e.get("HOROVOD_LOCAL_SIZE", "1")
-        e["GROUP_RANK"] = e.get("HOROVOD_CROSS_RANK", "0")
-        e["MASTER_ADDR"] = e.get("HOROVOD_GLOO_RENDEZVOUS_ADDR", "127.0.0.1")
-    e.setdefault("OMP_NUM_THREADS", "1")  # horovodrun does not set one thread per process
-    from disttrain.cli import main as cli_main
-
-    cli_main()
-
-
-if __name__ == "__main__":
-    main()

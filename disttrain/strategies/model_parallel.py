@@ -31,7 +31,7 @@ from torch import nn
 from disttrain import placement as pl
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.registry import to_plain
+from disttrain.tree import to_plain
 from disttrain.strategies.base import Batch, LossFn, Strategy, require
 
 log = logging.getLogger("disttrain")
