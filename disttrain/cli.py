@@ -145,7 +145,7 @@ class AppSettings:
                 raise ConfigError(f"{key}={value!r}: {rule}")
 
 
-TARGETS = ("model", "data.dataset", "optimizer", "data.loss")
+TARGETS = ("model", "data.dataset", "optimizer")
 
 
 def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
@@ -160,6 +160,7 @@ def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
     for group in TARGETS:
         check_target(cfg, group, required=True)
     check_target(cfg, "scheduler", required=False)
+    check_target(cfg, "data.loss", required=False)  # null when the model returns its own loss
     probe_optimizer(cfg)
     strategy = build_strategy(cfg.strategy)
     strategy.validate(env)
@@ -196,16 +197,27 @@ def check_target(cfg: DictConfig, group: str, required: bool) -> None:
             f"{group}._target_={target!r} cannot be imported ({str(exc).splitlines()[0][:200]}): give the full import "
             f"path of a class or function, e.g. {group}._target_=my_package.module.Name"
         ) from exc
-    values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    raw = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(raw, dict)
+    # values that interpolate facts the dataset publishes (${data.facts.vocab_size}) are known only
+    # once it is built; train() checks this group again then
+    values = {str(k): node[k] for k, v in raw.items()
+              if not str(k).startswith("_") and not (isinstance(v, str) and "data.facts" in v and "facts" not in cfg.data)}
+    hint = (f" (a key left from the default {group.split('.')[0]} config? pick a whole group of your own with "
+            f"--config-dir and {group.split('.')[0]}=<name>: docs/your_model.md)")
     if callable(obj):
-        schema.check_call(obj, values, group)
+        schema.check_call(obj, values, group, hint=hint)
 
 
 def probe_optimizer(cfg: DictConfig) -> None:
     """Build the optimizer once over a dummy parameter: its own checks (a negative learning
     rate, betas out of range) fail here, on every rank, not after the process group started."""
     import torch
+    from hydra._internal.utils import _locate
 
+    target = _locate(str(cfg.optimizer._target_))
+    if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
+        return  # a factory that receives the model: built (and checked) with the model
     try:
         instantiate(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
     except ConfigError as exc:
@@ -227,6 +239,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     env = DistEnv.from_environ()
     configure_logging(env.rank, run_dir if env.is_rank_zero else None)
     strategy, trainer_cfg = validate(cfg, env, run_dir)
+    train_data, eval_data = build_data(cfg)  # before any process group: its facts complete the config
+    check_target(cfg, "model", required=True)
     config_checked(failed=False)
     settings = AppSettings.from_config(cfg)
     session = Session(
@@ -245,17 +259,16 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
         if env.is_rank_zero:
             log.info("run directory: %s", run_dir)
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-        train_data, eval_data = instantiate(cfg.data.dataset, "data.dataset")
         seed_everything(settings.seed)  # same initial weights on every rank
         model = session.build_model(lambda: instantiate(cfg.model, "model"))
-        optimizer = instantiate(cfg.optimizer, "optimizer", params=model.parameters())
+        optimizer = build_optimizer(cfg.optimizer, model)
         sched_cfg = cfg.get("scheduler")
         scheduler = partial(instantiate, sched_cfg, "scheduler") if sched_cfg and sched_cfg.get("_target_") else None
         trainer = Trainer(
             session,
             model,
             optimizer,
-            loss_fn=instantiate(cfg.data.loss, "data.loss"),
+            loss_fn=instantiate(cfg.data.loss, "data.loss") if cfg.data.get("loss") else None,
             train_data=train_data,
             eval_data=eval_data,
             batch_size=settings.batch_size,
@@ -273,6 +286,45 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
         return summary
     finally:
         session.close()
+
+
+def build_data(cfg: DictConfig) -> tuple[Any, Any]:
+    """``data.dataset``'s ``(train, eval)`` datasets. A builder may also return a mapping of facts
+    as a third item (``{"vocab_size": 65}``): they are published as ``data.facts`` for the model
+    config to interpolate (``vocab_size: ${data.facts.vocab_size}``)."""
+    from omegaconf import open_dict
+
+    built = instantiate(cfg.data.dataset, "data.dataset")
+    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
+        raise ConfigError(
+            f"data.dataset._target_={cfg.data.dataset._target_} returned a {type(built).__name__}: a dataset builder "
+            f"returns (train_dataset, eval_dataset), optionally with a dict of facts as a third item"
+        )
+    if len(built) == 3:
+        facts = dict(built[2])
+        with open_dict(cfg):
+            cfg.data.facts = facts
+        log.info("data facts: %s", facts)
+    return built[0], built[1]
+
+
+def build_optimizer(cfg_optimizer: DictConfig, model: Any) -> Any:
+    """An optimizer class (``torch.optim.AdamW``) gets ``params=model.parameters()``; anything
+    else is a factory that gets ``model=`` and returns the optimizer (parameter groups: no weight
+    decay on biases and norms, as nanoGPT's ``configure_optimizers`` does)."""
+    import torch
+    from hydra._internal.utils import _locate
+
+    target = _locate(str(cfg_optimizer._target_))
+    if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
+        return instantiate(cfg_optimizer, "optimizer", params=model.parameters())
+    optimizer = instantiate(cfg_optimizer, "optimizer", model=model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer._target_={cfg_optimizer._target_} returned a {type(optimizer).__name__}, not a "
+            f"torch.optim.Optimizer: a factory takes model= and returns the optimizer"
+        )
+    return optimizer
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:

@@ -91,9 +91,10 @@ def check_dataclass_keys(cls: type, values: Mapping[str, Any], prefix: str) -> N
         raise ConfigError(f"{prefix}.{unknown[0]} is not an option of {prefix}: known options are {known}")
 
 
-def check_call(fn: Callable[..., Any], values: Mapping[str, Any], prefix: str) -> None:
+def check_call(fn: Callable[..., Any], values: Mapping[str, Any], prefix: str, hint: str = "") -> None:
     """Check the keyword arguments ``values`` that config passes to ``fn`` (a class or function)
-    against its signature: unknown names (unless it takes ``**kwargs``) and annotated types."""
+    against its signature: unknown names (unless it takes ``**kwargs``) and annotated types.
+    ``hint`` is appended to an unknown-name message."""
     target = fn.__init__ if inspect.isclass(fn) else fn  # type: ignore[misc]
     try:
         sig = inspect.signature(target)
@@ -106,7 +107,7 @@ def check_call(fn: Callable[..., Any], values: Mapping[str, Any], prefix: str) -
         if name not in params:
             if not takes_any:
                 known = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-                raise ConfigError(f"{prefix}.{name} is not an option of {prefix}: known options are {known}")
+                raise ConfigError(f"{prefix}.{name} is not an option of {prefix}: known options are {known}{hint}")
             continue
         check(f"{prefix}.{name}", value, hints.get(name, params[name].annotation))
 

@@ -228,9 +228,11 @@ class Session:
         optimizer = optimizer.inner if isinstance(optimizer, _SessionOptimizer) else optimizer
         return self.strategy.train_step(model, optimizer, micro_batches, loss_fn, self.grad_clip, self.timer)
 
-    def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: Any = None) -> Any:
+        """The model's output for ``inputs`` without gradients (``targets`` go to a model whose
+        forward takes them); ``None`` on ranks that produce no output (non-final pipeline stages)."""
         with torch.no_grad():
-            return self.strategy.eval_forward(model, inputs)
+            return self.strategy.eval_forward(model, inputs, targets)
 
     # ------------------------------------------------------------------ collectives
     def reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:
@@ -479,8 +481,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+STRATEGY_ENV, STRATEGY_OPTIONS_ENV = "DISTTRAIN_STRATEGY", "DISTTRAIN_STRATEGY_OPTIONS"
+
+
 def setup(strategy: Strategy | str | dict = "ddp", **kwargs: Any) -> Session:
     """Start a distributed session: ``ds = disttrain.setup(strategy="ddp")``. Reads rank and
     world size from torchrun/SLURM/Kubeflow (or runs as one process), starts the process group,
-    and returns the Session. Keyword arguments are Session's, then the strategy's options."""
+    and returns the Session. Keyword arguments are Session's, then the strategy's options.
+
+    The launcher may choose the strategy without editing the script (as ``accelerate launch``
+    does): ``DISTTRAIN_STRATEGY=deepspeed`` replaces the script's strategy, and
+    ``DISTTRAIN_STRATEGY_OPTIONS='{"zero_stage": 3}'`` (JSON) adds options to it."""
+    import json
+
+    if os.environ.get(STRATEGY_ENV):
+        chosen = os.environ[STRATEGY_ENV]
+        if chosen != strategy:
+            log.warning("%s=%s replaces the strategy the script asked for (%s)", STRATEGY_ENV, chosen, strategy)
+        strategy = chosen
+    if os.environ.get(STRATEGY_OPTIONS_ENV):
+        try:
+            options = json.loads(os.environ[STRATEGY_OPTIONS_ENV])
+        except ValueError as exc:
+            raise ConfigError(f"{STRATEGY_OPTIONS_ENV}={os.environ[STRATEGY_OPTIONS_ENV]!r} is not JSON ({exc}): "
+                              f"write it as '{{\"zero_stage\": 3}}'") from exc
+        kwargs = {**kwargs, **options}
     return Session(strategy, **kwargs)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from disttrain import checkpoint as ckpt
-from disttrain import faults, schema
+from disttrain import faults, forward, schema
 from disttrain.errors import ConfigError, NonFiniteLossError
 from disttrain.loaders import ShardedLoader
 from disttrain.observe import RunLogger
@@ -87,10 +87,10 @@ class TrainerConfig:
                 raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
 
 
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    # each returns the *sum* over the batch, so sums reduce exactly across ranks
-    "accuracy": lambda out, y: (out.argmax(-1) == y).sum().double(),
-    "mse": lambda out, y: ((out.float() - y.float()) ** 2).mean(tuple(range(1, out.dim()))).sum().double(),
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = {
+    # each returns (sum over the batch, how many it summed), so sums reduce exactly across ranks
+    "accuracy": lambda out, y: ((out.argmax(-1) == y).sum().double(), y.numel()),  # per target (token)
+    "mse": lambda out, y: (((out.float() - y.float()) ** 2).mean(tuple(range(1, out.dim()))).sum().double(), len(y)),
 }
 
 
@@ -175,24 +175,26 @@ class Trainer:
         index, count = self.s.eval_shard
         part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
         loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
-        sums = torch.zeros(3, dtype=torch.float64, device=self.s.device)  # loss, metric, count
+        sums = torch.zeros(4, dtype=torch.float64, device=self.s.device)  # loss, samples, metric, its count
         self.model.eval()
         for x, y in loader:
-            out = self.s.eval_forward(self.model, x)
+            out = self.s.eval_forward(self.model, x, y)
             if out is None:
                 continue
-            y = y.to(out.device)
-            sums[0] += self.loss_fn(out, y).double() * len(y)
+            pred = forward.prediction_of(out)
+            y = y.to(pred.device)
+            sums[0] += forward.loss_of(out, y, self.loss_fn).double() * len(y)
+            sums[1] += len(y)
             if self.metric:
-                sums[1] += METRICS[self.metric](out, y)
-            sums[2] += len(y)
+                total, count = METRICS[self.metric](pred, y)
+                sums[2] += total
+                sums[3] += count
         self.model.train()
         sums = self.s.reduce(sums, "sum")
-        n = max(sums[2].item(), 1.0)
-        out = {"loss": sums[0].item() / n}
+        result = {"loss": sums[0].item() / max(sums[1].item(), 1.0)}
         if self.metric:
-            out[self.metric] = sums[1].item() / n
-        return out
+            result[self.metric] = sums[2].item() / max(sums[3].item(), 1.0)
+        return result
 
     # ------------------------------------------------------------------ the loop
     def _train(self) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from disttrain import forward
 from disttrain.errors import ConfigError
 from disttrain.tree import map_tensors
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 Batch = Sequence[Any]  # (inputs, targets)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]  # None when the model returns its own loss
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -182,17 +183,17 @@ class Strategy:
             self.set_grad_sync(model, i == n - 1)
             inputs, targets = self.to_device(inputs), self.to_device(targets)
             with timer.phase("forward"):
-                loss = loss_fn(model(inputs), targets)
+                loss = forward.loss_of(forward.call(model, inputs, targets), targets, loss_fn)
             with timer.phase("backward"):
                 self.backward(loss / n, model)
             total += loss.detach()
             samples += len(targets)
         return total / n, samples
 
-    def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
-        """Outputs for ``inputs`` in eval mode, or ``None`` on ranks that produce none (for
-        example the non-final stages of a pipeline)."""
-        return model(self.to_device(inputs))
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: Any = None) -> Any:
+        """Outputs for ``inputs`` in eval mode (``targets`` go to a model whose forward takes
+        them), or ``None`` on ranks that produce none (the non-final stages of a pipeline)."""
+        return forward.call(model, self.to_device(inputs), self.to_device(targets))
 
     # ------------------------------------------------------------------ collectives
     def reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:

@@ -95,6 +95,7 @@ class DeepSpeedStrategy(Strategy):
         self.log_level = str(log_level)
         self.engine: Any = None
         self._ds: Any = None
+        self._unwatch_clipping: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def validate(self, env: DistEnv) -> None:
@@ -153,6 +154,9 @@ class DeepSpeedStrategy(Strategy):
             ds_torch_comm.build_shm_op = build
 
     def teardown(self) -> None:
+        if self._unwatch_clipping is not None:
+            self._unwatch_clipping()
+            self._unwatch_clipping = None
         if self.engine is not None:
             self.engine.destroy()  # releases its hooks and buffers before the process group ends
         self.engine = None
@@ -186,6 +190,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine, _, _, _ = self._ds.initialize(
             model=model, optimizer=optimizer, config=self.ds_config(), dist_init_required=False
         )
+        if self._unwatch_clipping is None:
+            self._unwatch_clipping = watch_user_clipping(self.engine)
         return self.engine, optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -382,3 +388,37 @@ def _forget_process_groups() -> None:
         if isinstance(getattr(groups, name, None), dict):
             getattr(groups, name).clear()
     ds_comm.cdb = None
+
+
+
+def watch_user_clipping(engine: Any) -> Any:
+    """Warn once when the user's own ``torch.nn.utils.clip_grad_norm_`` is called on parameters
+    DeepSpeed manages: DeepSpeed keeps their gradients in its own buffers (ZeRO-1 and up leave
+    ``p.grad`` empty: the call clips nothing) and clips inside its step, so the run silently
+    departs from ddp's. Returns the function that removes the watch."""
+    import torch.nn.utils as nn_utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    original = nn_utils.clip_grad_norm_
+    managed = {id(q) for q in engine.module.parameters()}
+    warned = [False]
+
+    def clip_grad_norm_(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        params = [parameters] if torch.is_tensor(parameters) else list(parameters)
+        if not warned[0] and any(id(q) in managed for q in params):
+            warned[0] = True
+            log.warning(
+                "strategy=deepspeed: torch.nn.utils.clip_grad_norm_ on the model DeepSpeed manages does not clip "
+                "what DeepSpeed steps with (it holds the gradients itself and clips inside its step, after "
+                "reducing them across ranks): remove the call and set setup(grad_clip=...) / trainer.grad_clip"
+            )
+        return original(params, *args, **kwargs)
+
+    nn_utils.clip_grad_norm_ = clip_grad_norm_
+    clip_grad.clip_grad_norm_ = clip_grad_norm_
+
+    def unwatch() -> None:
+        nn_utils.clip_grad_norm_ = original
+        clip_grad.clip_grad_norm_ = original
+
+    return unwatch

@@ -160,7 +160,12 @@ class HorovodStrategy(Strategy):
             backward_passes_per_step=self.run_options.gradient_accumulation_steps,
             op=hvd.Average,
         )
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # Horovod initialises an empty optimizer state by a step with zero gradients, which for
+        # Adam counts a step and changes every later update's bias correction (found by the
+        # plug-in oracle test). Fresh optimizers are alike on every rank: broadcast only a state
+        # some rank already holds (loaded before prepare).
+        if self.reduce(torch.tensor(float(bool(optimizer.state))), "max").item():
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self._hvd_optimizer = optimizer
         # torch's zero_grad(set_to_none=...) signature, which Horovod's override lacks
         optimizer.zero_grad = types.MethodType(_zero_grad, optimizer)

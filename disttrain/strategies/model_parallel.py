@@ -454,7 +454,7 @@ class ModelParallelStrategy(Strategy):
         dist.recv(t, src=src)
         return t
 
-    def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tensor | None:
         if not self.multi:
             return model(inputs)
         x = self.to_device(inputs) if self.is_first else self._recv_act()
