@@ -22,6 +22,7 @@ APP = {"disttrain.cli", "disttrain.launch", "disttrain.sweep", "disttrain.horovo
 FACES = {"disttrain.session", "disttrain.state", "disttrain.registry", "disttrain.trainer"}
 HELPERS = {"disttrain.env", "disttrain.checkpoint", "disttrain.loaders", "disttrain.schema", "disttrain.tree",
            "disttrain.timing", "disttrain.faults", "disttrain.preemption", "disttrain.observe", "disttrain.errors",
+           "disttrain.forward",
            "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun", "disttrain.placement"}
 
 
