@@ -188,7 +188,12 @@ def save_sharded(state: dict[str, Any], directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     if distributed:
         dist.barrier()
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=not distributed)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=not distributed)
+    except CheckpointException as exc:  # a BaseException: turn it into an ordinary error
+        raise RuntimeError(f"{directory}: writing the sharded checkpoint failed: {str(exc)[-500:]}") from None
 
 
 def load_sharded(state: dict[str, Any], directory: Path) -> None:
@@ -205,7 +210,14 @@ def load_sharded(state: dict[str, Any], directory: Path) -> None:
     with open(directory / ".metadata", "rb") as f:  # a clear error before DCP's collective plan
         _RestrictedUnpickler(f).load()
     distributed = dist.is_available() and dist.is_initialized()
-    dcp.load(state, storage_reader=_SafeReader(str(directory)), planner=_safe_planner(), no_dist=not distributed)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(directory)), planner=_safe_planner(), no_dist=not distributed)
+    except CheckpointException as exc:  # a BaseException: callers' `except Exception` would miss it
+        if "Unsupported global" in str(exc) or "UnpicklingError" in str(exc):
+            raise pickle.UnpicklingError(f"{directory}: {describe_load_error(pickle.UnpicklingError())}") from None
+        raise RuntimeError(f"{directory}: the sharded checkpoint does not load: {str(exc)[-500:]}") from None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -104,7 +104,7 @@ class AppSettings:
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["32", "bf16"] = "32"
     backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
-    timeout_s: float = 120.0
+    timeout_s: float = 300.0
     num_threads: int | None = 1
     batch_size: int = 64
     num_workers: int = 0

@@ -212,3 +212,27 @@ def test_checkpoint_of_another_layout_names_the_strategy_change(tmp_path: Path) 
         ds.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
         with pytest.raises(ConfigError, match="written by strategy='model_parallel'.*resume with strategy=model_parallel"):
             ds.load(path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["metadata", "value"])
+def test_sharded_checkpoint_refuses_code_in_metadata_and_values(tmp_path: Path, where: str) -> None:
+    """torch.distributed.checkpoint unpickles its ``.metadata`` file and non-tensor values with
+    plain pickle; ``checkpoint.load_sharded`` allow-lists the first and loads the second
+    ``weights_only``. A payload in either never runs; a clean checkpoint round-trips."""
+    marker = tmp_path / "pwned"
+    directory = tmp_path / "step_00000001.shards"
+    state = {"w": torch.arange(4.0), "extra": {"note": "hello" if where == "metadata" else _Payload(str(marker))}}
+    ckpt.save_sharded(state, directory)
+    assert not marker.exists()  # saving pickles the payload object, it does not run it
+    if where == "metadata":
+        clean = {"w": torch.zeros(4), "extra": {"note": ""}}
+        ckpt.load_sharded(clean, directory)
+        assert torch.equal(clean["w"], torch.arange(4.0)) and clean["extra"]["note"] == "hello"
+        metadata = pickle.loads((directory / ".metadata").read_bytes())
+        metadata.storage_meta = _Payload(str(marker))
+        (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(Exception) as info:
+        ckpt.load_sharded({"w": torch.zeros(4), "extra": {"note": ""}}, directory)
+    assert "refused" in str(info.value) or "Unsupported global" in str(info.value) or "weights_only" in str(info.value)
+    assert not marker.exists()
