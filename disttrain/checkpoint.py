@@ -196,12 +196,27 @@ def load_sharded(state: dict[str, Any], directory: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    if not (directory / ".metadata").is_file():
-        raise FileNotFoundError(f"{directory} holds no sharded checkpoint (no .metadata file)")
-    with open(directory / ".metadata", "rb") as f:  # a clear error before DCP's collective plan
-        _RestrictedUnpickler(f).load()
+    sharded_metadata(directory)  # a clear error before DCP's collective plan
     distributed = dist.is_available() and dist.is_initialized()
     dcp.load(state, storage_reader=_SafeReader(str(directory)), planner=_safe_planner(), no_dist=not distributed)
+
+
+def sharded_metadata(directory: Path) -> Any:
+    """DCP's metadata of a ``save_sharded`` directory (each value's name, size, dtype and where
+    its shards lie), unpickled with an allow-list of DCP's own classes."""
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} holds no sharded checkpoint (no .metadata file)")
+    with open(directory / ".metadata", "rb") as f:
+        return _RestrictedUnpickler(f).load()
+
+
+def write_full(path: Path, model_state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    """Write a whole model for inference or another strategy, atomically: one file
+    ``{"model": state_dict on the CPU, "extra": extra}``, loadable with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()}, "extra": extra}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import io
 import logging
 import os
 import random
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from disttrain import activation_checkpointing as ac
-from disttrain.checkpoint import atomic_write_bytes
+from disttrain.checkpoint import write_full
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
 from disttrain.loaders import ShardedLoader, shard_loader
@@ -355,9 +354,7 @@ class Session:
         if full:
             state = self.strategy.export_state_dict(self._require_model())
             if state is not None:
-                buf = io.BytesIO()
-                torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}, "extra": extra}, buf)
-                atomic_write_bytes(Path(path), buf.getvalue())
+                write_full(Path(path), state, extra)
             self.barrier()
             return Path(path)
         return self.state.save(Path(path), extra, keep_last=keep_last)
