@@ -37,6 +37,12 @@ SEED = 7  # the loaders' shuffling seed
 AC = {"wrap": ["Linear"], "activation_checkpointing": ["Linear"]}  # the AdamW runs' options
 
 
+def _eval_data():
+    """17 samples: evaluated in shards of 9 and 8 at N=2, in batches of 8."""
+    x, y = _data().tensors
+    return torch.utils.data.TensorDataset(x[:17], y[:17])
+
+
 def _sgd(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
@@ -90,17 +96,19 @@ def _full_state(model, optimizer) -> dict:
     return copy.deepcopy({"model": m, "optimizer": o.get("state", {})})
 
 
-def _fit(session, make_optimizer, max_steps: int = K, run_dir: str | None = None, resume: str | None = None):
-    """The Trainer on tiny_model (checkpoints every 2 steps); returns it and its gathered state."""
+def _fit(session, make_optimizer, max_steps: int = K, run_dir: str | None = None, resume: str | None = None,
+         eval_data=None):
+    """The Trainer on tiny_model (checkpoints every 2 steps); returns it, its gathered state and
+    its summary."""
     from disttrain.trainer import Trainer, TrainerConfig
 
     cfg = TrainerConfig(max_epochs=1, max_steps=max_steps, gradient_accumulation_steps=ACCUM, grad_clip=CLIP,
                         log_every_n_steps=2, checkpoint_every_n_steps=2, resume=resume)
     model = tiny_model()
     trainer = Trainer(session, model, make_optimizer(model.parameters()), torch.nn.MSELoss(), _data(),
-                      batch_size=BATCH, config=cfg, seed=SEED, run_dir=run_dir)
-    trainer.fit()
-    return trainer, _full_state(trainer.model, trainer.optimizer)
+                      batch_size=BATCH, config=cfg, seed=SEED, run_dir=run_dir, eval_data=eval_data)
+    summary = trainer.fit()
+    return trainer, _full_state(trainer.model, trainer.optimizer), summary
 
 
 def _load_into_fresh(path: str) -> dict:
@@ -120,10 +128,11 @@ def _adamw_run(run_dir: str, resume: str | None = None) -> dict:
 def _two_ranks(root: str) -> dict:
     out: dict = {}
     s = _session(wrap="auto", min_params=1, cpu_offload=True)  # auto: both Linears are blocks
-    out["sgd"] = _fit(s, _sgd)[1]["model"]
+    _, state, summary = _fit(s, _sgd, eval_data=_eval_data())  # ranks evaluate 9 and 8 samples: 2 and 1 batches
+    out["sgd"], out["eval_loss"] = state["model"], summary["eval_loss"]
     out["sgd_blocks"] = s.strategy.blocks
     s = _session(**AC)  # the uninterrupted run; its checkpoint is resumed at 4 ranks
-    trainer, out["adamw"] = _fit(s, _adamw, run_dir=f"{root}/two")
+    trainer, out["adamw"], _ = _fit(s, _adamw, run_dir=f"{root}/two")
     s.save(f"{root}/two_full.pt", full=True, step=K)
     snapshot = s.snapshot()  # the pre-flight check's in-memory copy restores every value
     s.train_step(trainer.model, trainer.optimizer, [next(iter(trainer.train_loader))], torch.nn.MSELoss())
@@ -136,11 +145,11 @@ def _two_ranks(root: str) -> dict:
 
 def _four_ranks(root: str) -> dict:
     out: dict = {"sgd": _fit(_session(wrap=["Linear"]), _sgd)[1]["model"]}
-    _, out["adamw"] = _fit(_session(**AC), _adamw, run_dir=f"{root}/four")
+    out["adamw"] = _fit(_session(**AC), _adamw, run_dir=f"{root}/four")[1]
     out["loaded_from_two"] = _load_into_fresh(_ckpt(root, "two"))
     out["resumed_from_two"] = _fit(_session(**AC), _adamw, max_steps=MORE, resume=_ckpt(root, "two"))[1]["model"]
     s = _session(wrap=["Linear"], replicate_size=2)
-    trainer, state = _fit(s, _adamw)
+    trainer, state, _ = _fit(s, _adamw)
     out["hsdp"], out["hsdp_differ"] = state["model"], s.check_in_sync()
     out["hsdp_local"] = sum(p.to_local().numel() for p in trainer.model.parameters())
     out["shards"] = _shard_sizes()
@@ -205,6 +214,11 @@ def test_two_ranks_equal_one_process(two, root):
     sgd, norms = _oracle(_sgd)
     assert max(norms) > CLIP  # clipping acted
     assert_same_state(two["sgd"], sgd, atol=1e-5)  # auto blocks, cpu_offload, momentum SGD
+    model = tiny_model()
+    model.load_state_dict(sgd)
+    x, y = _eval_data().tensors
+    with torch.no_grad():  # uneven eval shards: every sample counted once, no rank left waiting
+        assert two["eval_loss"] == pytest.approx(torch.nn.functional.mse_loss(model(x), y).item(), abs=1e-5)
     assert sorted(two["sgd_blocks"]) == ["0", "2"]
     assert_same_state(two["adamw"]["model"], _oracle(_adamw)[0], atol=1e-5)  # + activation checkpointing
     assert_same_state(two["ddp_ac"], sgd, atol=1e-5)  # ddp with activation checkpointing
