@@ -10,6 +10,15 @@ from __future__ import annotations
 from torch import nn
 
 
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"model.activation={name!r}: expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
 class MLP(nn.Module):
     """``in_features -> hidden x depth -> out_features`` with ReLU (or Tanh) between layers."""
 
@@ -25,13 +34,10 @@ class MLP(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"model.depth={depth}: must be >= 1 (the number of hidden layers)")
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-        if activation not in act:
-            raise ValueError(f"model.activation={activation!r}: expected one of {sorted(act)}")
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), act[activation]()]
+            layers += [nn.Linear(width, hidden), _activation(activation)]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = hidden
@@ -60,12 +66,9 @@ class Block(nn.Module):
 
     def __init__(self, width: int, expansion: int = 4, activation: str = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-        if activation not in act:
-            raise ValueError(f"model.activation={activation!r}: expected one of {sorted(act)}")
         self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, expansion * width)
-        self.act = act[activation]()
+        self.act = _activation(activation)
         self.fc2 = nn.Linear(expansion * width, width)
         self.drop = nn.Dropout(dropout)
 
