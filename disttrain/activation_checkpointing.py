@@ -36,17 +36,19 @@ def apply(model: nn.Module, spec: str | Sequence[str] | None) -> list[str]:
     if spec is None:
         return []
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
         apply_activation_checkpointing,
         checkpoint_wrapper,
     )
 
-    names = blocks.outermost(blocks.select(model, spec, KEY, single_layers=False))
+    found = blocks.outermost(blocks.select(model, spec, KEY, single_layers=False))
+    names = [n for n in found if not isinstance(model.get_submodule(n), CheckpointWrapper)]  # not prepared before
     chosen = {id(model.get_submodule(n)) for n in names}
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda m: id(m) in chosen)
     if names:
         log.info("activation checkpointing: %d block(s) recompute their forward in backward: %s",
                  len(names), blocks.shorten(names[::-1]))
-    else:
+    elif not found:  # auto found nothing (a class name that matches nothing raised in select)
         log.warning("%s=auto: no module with submodules holds %d+ parameters; nothing is checkpointed "
                     "(name the block class instead, e.g. %s=[Block])", KEY, blocks.DEFAULT_MIN_PARAMS, KEY)
     return names
