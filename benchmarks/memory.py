@@ -87,7 +87,10 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Model: `ResidualMLP` {res['params']:,} parameters ({res['model']}), Adam, fp32, per-rank batch "
         f"{res['model']['per_rank_batch']}. Model states analytically: 16 bytes/parameter = "
-        f"{16 * res['params'] / 2**20:.0f} MB whole (4 weights, 4 gradients, 8 Adam moments).\n",
+        f"{16 * res['params'] / 2**20:.0f} MB whole (4 weights, 4 gradients, 8 Adam moments). Model states: bytes "
+        f"allocated (glibc mallinfo2; torch.cuda.memory_allocated on GPU) after the second optimizer step, gradients "
+        f"still alive, minus before the model was built; forward-held: after that step's forward minus at its start; "
+        f"the largest rank. One launch per row; see benchmarks/memory.py.\n",
         "| variant | N | model states MB per rank | / ddp's | target | forward-held MB | samples/s | step ms median |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -100,7 +103,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {_f(r['states_target'], '<= {:.3f}')} | {_f(r['forward_mb'], '{:.1f}')} | {_f(r['samples_per_sec'], '{:.1f}')} "
             f"| {_f(r['step_ms_median'], '{:.0f}')} |"
         )
-    trade = [r for r in rows if r["status"] == "ok" and math.isfinite(r["forward_vs_plain"])]
+    trade = [r for r in rows if r["status"] == "ok" and r["forward_vs_plain"] is not None
+             and math.isfinite(r["forward_vs_plain"])]  # NaN: no plain twin (None once read back from results.json)
     if trade:
         lines += ["", "Activation checkpointing (each `+ac` row against the same strategy without it, same N):", "",
                   "| variant | N | forward-held memory x | step time x |", "|---|---|---|---|"]
