@@ -1,5 +1,5 @@
 """``python -m benchmarks [overrides]``: the scaling benchmarks (a Hydra app, config in
-benchmarks/conf/). Modes: scaling, overhead, comm, batch, straggler, pipeline (``mode=all``).
+benchmarks/conf/). Modes: scaling, overhead, comm, batch, straggler, pipeline, memory (``mode=all``).
 
 Results: ``benchmarks/results/<name>/`` with results.json (everything), points.csv (one row per
 launch), comm.csv, PNG plots and report.md (machine, versions, command, noise floor, method)."""
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmarks import stats, sweep
 
 log = logging.getLogger("benchmarks")
-MODES = ("scaling", "overhead", "comm", "batch", "straggler", "pipeline")
+MODES = ("scaling", "overhead", "comm", "batch", "straggler", "pipeline", "memory")
 EXTERNAL = {"straggler": "benchmarks.straggler", "pipeline": "benchmarks.pipeline_bubble"}
 
 
@@ -61,10 +61,14 @@ def run_scaling(cfg: DictConfig, work: Path, res: dict) -> None:
     worlds = _gpu_cap(cfg, list(cfg.world_sizes), res["skipped"], "scaling")
     specs = [sweep.model_spec(m, cfg.models[m]) for m in cfg.scaling_models]
     plan = [(s, m, w) for m in specs for w in worlds for s in names]
+    refused = {(s, w): why for s in names for w in worlds if (why := sweep.cannot_run(s, w))}
+    res["skipped"] += [f"scaling: {s} at N={w} ({why})" for (s, w), why in refused.items()]
     points: list[sweep.Point] = []
     for rep in range(int(cfg.repeats)):
         order = plan if rep % 2 == 0 else plan[::-1]  # alternate the order: drift cancels
         for strat, spec, world in order:
+            if (strat, world) in refused:
+                continue
             if rep > 0 and not any(p.status == "ok" for p in points if (p.strategy, p.model, p.world_size) == (strat, spec.name, world)):
                 continue  # failed in the first repeat (e.g. needs more ranks): do not pay for it again
             tag = f"scaling/{strat}_{spec.name}_n{world}_r{rep}"
@@ -234,6 +238,14 @@ def run_batch(cfg: DictConfig, work: Path, res: dict) -> None:
     res["batch"] = {"world_size": world, "model": bc.model, "points": rows,
                     "knee": stats.knee([r["per_rank_batch"] for r in ok], [r["samples_per_sec"] for r in ok], float(bc.min_gain)),
                     "min_gain": float(bc.min_gain)}
+
+
+def run_memory(cfg: DictConfig, work: Path, res: dict) -> None:
+    """Model-state memory and speed of ddp, fsdp and ZeRO-3, activation checkpointing's trade
+    (benchmarks/memory.py)."""
+    from benchmarks import memory
+
+    memory.run(cfg, work, res, _gpu_cap(cfg, list(cfg.memory.world_sizes), res["skipped"], "memory"))
 
 
 def run_external(mode: str, cfg: DictConfig, res: dict) -> None:

@@ -11,10 +11,16 @@ model the launch and completion times of each gradient-bucket allreduce (a comm 
 torch's own ``allreduce_hook``). At teardown each rank writes ``record_dir/rank<r>.json`` with
 those records and its peak memory (RSS on CPU, allocated on GPU). The per-step cost is a dict
 copy and one ``perf_counter`` call.
+
+With ``probe_memory`` it also records the bytes allocated (``allocated_bytes``) when the model is
+about to be built (the baseline: data loaded, no model), and on the second optimizer step (in the
+warm-up) at its start, before its first backward and after the optimizer stepped (before
+gradients are zeroed): ``benchmarks/memory.py`` turns them into model-state and activation memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -33,23 +39,65 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def probed(base: str, record_dir: str, probe_comm: bool = False, **options: Any):
+def probed(base: str, record_dir: str, probe_comm: bool = False, probe_memory: bool = False, **options: Any):
     """Instantiate strategy class ``base`` (import path) with ``options``, wrapped in the probe."""
     cls = _import(base)
     if cls not in _CLASSES:
         _CLASSES[cls] = type(f"Probed{cls.__name__}", (_ProbeMixin, cls), {})
     obj = _CLASSES[cls](**options)
-    obj._probe_init(record_dir, probe_comm)
+    obj._probe_init(record_dir, probe_comm, probe_memory)
     return obj
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocated_bytes(device: torch.device) -> int:
+    """Bytes allocated now: ``torch.cuda.memory_allocated`` on a GPU; on the CPU, what glibc's
+    ``mallinfo2`` counts as in use (heap chunks in use in every arena plus mmapped chunks), where
+    torch's CPU allocator takes tensor memory from. Unlike RSS it drops when memory is freed."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def _first_optimizer_step() -> None:
+    """Torch's first optimizer costs ~25 MB of one-time imports and caches: pay it before the
+    memory baseline, so it is not counted as model state."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    torch.optim.Adam([p]).step()
+
+
 class _ProbeMixin:
-    def _probe_init(self, record_dir: str, probe_comm: bool) -> None:
+    def _probe_init(self, record_dir: str, probe_comm: bool, probe_memory: bool = False) -> None:
         self._rec_dir = Path(record_dir)
         self._probe_comm = bool(probe_comm)
+        self._probe_memory = bool(probe_memory)
         self._records: list[dict[str, Any]] = []
         self._buckets: list[tuple[float, float, int]] = []
         self._bwd_end: float | None = None
+        self._memory: dict[str, int] = {}
+        self._measuring = False
+
+    def _mark(self, point: str) -> None:
+        if self._measuring and point not in self._memory:
+            self._memory[point] = allocated_bytes(self.device)
+
+    def build_model(self, factory):
+        if self._probe_memory:
+            _first_optimizer_step()
+            self._memory["base"] = allocated_bytes(self.device)
+        return super().build_model(factory)
+
+    def optimizer_step(self, model, optimizer, grad_clip):
+        super().optimizer_step(model, optimizer, grad_clip)
+        self._mark("after_step")
 
     # -------------------------------------------------------------- hooks into the strategy
     def wrap(self, model, optimizer):
@@ -61,6 +109,7 @@ class _ProbeMixin:
         return model, optimizer
 
     def backward(self, loss, model):
+        self._mark("before_backward")
         super().backward(loss, model)
         self._bwd_end = time.perf_counter()
 
@@ -69,7 +118,10 @@ class _ProbeMixin:
             timer._sync = True  # device time per phase, as StepTimer's docstring intends for benchmarks
         self._buckets.clear()
         self._bwd_end = None
+        self._measuring = self._probe_memory and len(self._records) == 1  # the second step
+        self._mark("step_start")
         loss = super().train_step(model, optimizer, micro_batches, loss_fn, grad_clip, timer)
+        self._measuring = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         rec: dict[str, Any] = {"t_end": time.perf_counter(), "phases": dict(timer.step)}
@@ -105,6 +157,7 @@ class _ProbeMixin:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "peak_gpu_allocated_mb": peak_gpu,
+            "memory_bytes": self._memory,
             "steps": self._records,
         }
         self._rec_dir.mkdir(parents=True, exist_ok=True)

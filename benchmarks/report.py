@@ -338,6 +338,11 @@ def markdown(res: dict[str, Any], out: Path) -> str:
                              f"Every step up in batch still gained at least {bt['min_gain']:.0%} samples/s.") + "\n")
         if (out / "batch.png").exists():
             parts.append("![batch.png](batch.png)\n")
+    if res.get("memory"):
+        from benchmarks import memory
+
+        parts.append("## Memory of model states, and activation checkpointing\n")
+        parts.append(memory.markdown(res["memory"]))
     for mode, title in (("straggler", "Straggler: sync vs async"), ("pipeline", "Pipeline bubble")):
         if mode in res:
             r = res[mode]

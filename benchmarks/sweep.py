@@ -95,6 +95,20 @@ def strategy_status(names: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def cannot_run(name: str, world: int) -> str | None:
+    """Why strategy ``name`` refuses ``world`` ranks (its own ``validate``, e.g. fsdp at N=1), or
+    None: such points are skipped instead of launched to fail."""
+    from disttrain.env import DistEnv
+    from disttrain.errors import ConfigError
+    from disttrain.registry import build_strategy
+
+    try:
+        build_strategy(name).validate(DistEnv(rank=0, world_size=world, local_world_size=world))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def data_parallel_size(name: str, world: int) -> int:
     """How many data shards strategy ``name`` makes of ``world`` ranks (servers and pipeline
     stages do not add shards), asked of the strategy itself; ``world`` if it cannot say."""

@@ -205,10 +205,7 @@ def load_sharded(state: dict[str, Any], directory: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    if not (directory / ".metadata").is_file():
-        raise FileNotFoundError(f"{directory} holds no sharded checkpoint (no .metadata file)")
-    with open(directory / ".metadata", "rb") as f:  # a clear error before DCP's collective plan
-        _RestrictedUnpickler(f).load()
+    sharded_metadata(directory)  # a clear error before DCP's collective plan
     distributed = dist.is_available() and dist.is_initialized()
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -218,6 +215,24 @@ def load_sharded(state: dict[str, Any], directory: Path) -> None:
         if "Unsupported global" in str(exc) or "UnpicklingError" in str(exc):
             raise pickle.UnpicklingError(f"{directory}: {describe_load_error(pickle.UnpicklingError())}") from None
         raise RuntimeError(f"{directory}: the sharded checkpoint does not load: {str(exc)[-500:]}") from None
+
+
+def sharded_metadata(directory: Path) -> Any:
+    """DCP's metadata of a ``save_sharded`` directory (each value's name, size, dtype and where
+    its shards lie), unpickled with an allow-list of DCP's own classes."""
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} holds no sharded checkpoint (no .metadata file)")
+    with open(directory / ".metadata", "rb") as f:
+        return _RestrictedUnpickler(f).load()
+
+
+def write_full(path: Path, model_state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    """Write a whole model for inference or another strategy, atomically: one file
+    ``{"model": state_dict on the CPU, "extra": extra}``, loadable with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()}, "extra": extra}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from disttrain import activation_checkpointing as ac
 from disttrain import schema
 from disttrain.env import DistEnv, agent_store
 from disttrain.errors import ConfigError
 from disttrain.preemption import EXIT_PREEMPTED, Preempted
-from disttrain.registry import CONF_DIR, build_strategy, instantiate
+from disttrain.registry import CONF_DIR, build_strategy, instantiate, to_plain
 
 log = logging.getLogger("disttrain")
 
@@ -109,10 +110,12 @@ class AppSettings:
     batch_size: int = 64
     num_workers: int = 0
     metric: str | None = None
+    activation_checkpointing: str | list[str] | None = None
 
     KEYS = {"seed": "seed", "accelerator": "accelerator", "precision": "precision", "backend": "dist.backend",
             "timeout_s": "dist.timeout_s", "num_threads": "dist.num_threads", "batch_size": "data.batch_size",
-            "num_workers": "data.num_workers", "metric": "data.metric"}
+            "num_workers": "data.num_workers", "metric": "data.metric",
+            "activation_checkpointing": "activation_checkpointing"}
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "AppSettings":
@@ -121,6 +124,7 @@ class AppSettings:
             value = OmegaConf.select(cfg, key, default=None)
             if name == "precision" and isinstance(value, int) and not isinstance(value, bool):
                 value = str(value)  # `precision=32` on the command line arrives as an int
+            value = to_plain(value)  # lists arrive as ListConfig
             if value is not None or name in ("num_threads", "metric"):
                 values[name] = value
         return cls(**values)
@@ -143,6 +147,7 @@ class AppSettings:
         for key, value, ok, rule in rules:
             if not ok:
                 raise ConfigError(f"{key}={value!r}: {rule}")
+        ac.check(self.activation_checkpointing)
 
 
 TARGETS = ("model", "data.dataset", "optimizer")
@@ -254,6 +259,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
         gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
         grad_clip=trainer_cfg.grad_clip,
         seed=settings.seed,
+        activation_checkpointing=settings.activation_checkpointing,
     )
     try:
         if env.is_rank_zero:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import io
 import logging
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from disttrain.checkpoint import atomic_write_bytes
+from disttrain import activation_checkpointing as ac
+from disttrain.checkpoint import write_full
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
 from disttrain.loaders import ShardedLoader, shard_loader
@@ -62,11 +62,14 @@ class Session:
         grad_clip: float | None = None,
         seed: int | None = None,
         batch_size_per_rank: bool = False,
+        activation_checkpointing: str | Sequence[str] | None = None,
         **strategy_options: Any,
     ) -> None:
         precision = str(precision)
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}: expected one of {list(PRECISIONS)}")
+        ac.check(activation_checkpointing)
+        self.activation_checkpointing = activation_checkpointing
         if int(gradient_accumulation_steps) < 1:
             raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be >= 1")
         self.env = env or DistEnv.from_environ()
@@ -160,7 +163,9 @@ class Session:
     def prepare_model(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-        """Wrap ``model`` (and its optimizer) for the strategy; returns the raw wrapped pair."""
+        """Wrap ``model`` (and its optimizer) for the strategy; returns the raw wrapped pair. With
+        ``activation_checkpointing``, its blocks are wrapped for recomputation first."""
+        ac.apply(model, self.activation_checkpointing)
         model, optimizer = self.strategy.wrap(model, optimizer)
         model = self.strategy.apply_precision(model, self.precision)
         self.strategy.set_grad_sync(model, self.accumulate == 1)
@@ -362,9 +367,7 @@ class Session:
         if full:
             state = self.strategy.export_state_dict(self._require_model())
             if state is not None:
-                buf = io.BytesIO()
-                torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}, "extra": extra}, buf)
-                atomic_write_bytes(Path(path), buf.getvalue())
+                write_full(Path(path), state, extra)
             self.barrier()
             return Path(path)
         return self.state.save(Path(path), extra, keep_last=keep_last)

@@ -5,6 +5,7 @@ Session (and so a Strategy) call, and nothing here asks which strategy or role t
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import pickle
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from disttrain import checkpoint as ckpt
 from disttrain import faults, forward, schema
@@ -175,11 +176,15 @@ class Trainer:
         index, count = self.s.eval_shard
         part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
         loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
+        # Every rank runs as many forwards as the rank with the most batches (the others add empty
+        # ones): a forward that communicates (fsdp gathers parameters) would otherwise wait forever.
+        missing = int(self.s.reduce(torch.tensor(float(len(loader))), "max").item()) - len(loader)
+        empty = [[t[:0] for t in default_collate([self.eval_data[0]])]] * missing
         sums = torch.zeros(4, dtype=torch.float64, device=self.s.device)  # loss, samples, metric, its count
         self.model.eval()
-        for x, y in loader:
+        for x, y in itertools.chain(loader, empty):
             out = self.s.eval_forward(self.model, x, y)
-            if out is None:
+            if out is None or len(y) == 0:
                 continue
             pred = forward.prediction_of(out)
             y = y.to(pred.device)

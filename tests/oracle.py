@@ -22,17 +22,25 @@ def regression_data():
 
 def sgd_reference(batches_per_step, momentum: float = 0.0, clip: float | None = None) -> dict[str, torch.Tensor]:
     """One SGD step per entry, on the concatenation of its batches (mean MSE loss)."""
+    return reference(batches_per_step, lambda params: torch.optim.SGD(params, lr=LR, momentum=momentum), clip)[0]
+
+
+def reference(batches_per_step, make_optimizer, clip: float | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """``tiny_model`` trained one step per entry by ``make_optimizer(params)``, on the
+    concatenation of its batches (mean MSE loss), clipping the gradient norm to ``clip``.
+    Returns the final weights and each step's gradient norm before clipping."""
     model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+    opt = make_optimizer(model.parameters())
+    norms = []
     for batches in batches_per_step:
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         opt.step()
-    return model.state_dict()
+    return model.state_dict(), norms
 
 
 def gathered_batches(data, world: int, steps: int, accum: int, micro: int, seed: int) -> list[list[tuple]]:

@@ -231,3 +231,52 @@ def test_loader_benchmark_runs_both_paths_side_by_side():
         assert p["speedup_min"] <= p["speedup_median"] <= p["speedup_max"]
     md = loader.markdown(res)
     assert md.count("\n| 8 |") == 1 and "speedup median" in md
+
+
+def test_memory_mode_arithmetic():
+    """benchmarks/memory.py: parameter count, alternated plan, per-rank memory from probe records,
+    ratios against ddp and against the variant without activation checkpointing."""
+    from benchmarks import memory
+    from disttrain.models import ResidualMLP
+
+    model = ResidualMLP(in_features=8, hidden=16, out_features=1, depth=2, expansion=2)
+    assert memory.residual_mlp_params(8, 16, 2, expansion=2) == sum(p.numel() for p in model.parameters())
+    assert memory.plan(["ddp", "fsdp"], [2, 4]) == [("ddp", 2), ("fsdp", 2), ("fsdp", 4), ("ddp", 4)]
+
+    mb = 2**20
+
+    def rank(base, start, fwd, after):  # bytes at the probe's four moments, in MB
+        return {"memory_bytes": {"base": base * mb, "step_start": start * mb, "before_backward": fwd * mb,
+                                 "after_step": after * mb}}
+
+    def point(variant, strategy, n, ranks, step_ms):
+        return {"variant": variant, "strategy": strategy, "world_size": n, "status": "ok", "error": "",
+                "samples_per_sec": 100.0, "step_ms_median": step_ms, "records": ranks}
+
+    rows = memory.summarize([
+        point("ddp", "ddp", 2, [rank(10, 310, 330, 410), rank(12, 312, 332, 412)], 100.0),
+        point("fsdp", "fsdp", 2, [rank(10, 160, 180, 210), rank(10, 150, 170, 205)], 120.0),
+        point("fsdp+ac", "fsdp", 2, [rank(10, 160, 165, 210), rank(10, 160, 164, 210)], 150.0),
+        {**point("zero3", "deepspeed", 2, [], 0.0), "status": "failed", "error": "boom"},
+    ])
+    by = {r["variant"]: r for r in rows}
+    assert by["ddp"]["model_states_mb"] == pytest.approx(400.0)  # after_step - base, largest rank
+    assert by["fsdp"]["model_states_mb"] == pytest.approx(200.0)
+    assert by["fsdp"]["states_vs_ddp"] == pytest.approx(0.5)
+    assert by["fsdp"]["states_target"] == pytest.approx(1.15 / 2)
+    assert math.isnan(by["ddp"]["states_target"])
+    assert by["fsdp"]["forward_mb"] == pytest.approx(20.0)  # before_backward - step_start
+    assert by["fsdp+ac"]["forward_vs_plain"] == pytest.approx(5.0 / 20.0)
+    assert by["fsdp+ac"]["step_time_vs_plain"] == pytest.approx(1.25)
+    assert math.isnan(by["zero3"]["model_states_mb"])
+    md = memory.markdown({"rows": rows, "params": 1000, "model": {"per_rank_batch": 4}})
+    assert "| fsdp | 2 | 200 | 0.500 | <= 0.575 | 20.0 |" in md
+    assert "| zero3 | 2 | failed: boom |" in md
+    assert "| fsdp+ac | 2 | 0.25 | 1.25 |" in md
+    # the one-process trade: per-round time ratios (each round's pair), memory ratio
+    t = memory.trade_row(32, {"plain": 4.0, "ac": 1.0}, {"plain": [0.10, 0.20, 0.10], "ac": [0.13, 0.26, 0.15]})
+    assert t["held_ratio"] == pytest.approx(0.25)
+    assert t["time_ratio"] == pytest.approx(1.3) and t["rounds"] == 3
+    assert t["ms_plain"] == pytest.approx(100.0) and t["ms_ac"] == pytest.approx(150.0)
+    md = memory.markdown({"rows": [], "params": 1, "model": {"per_rank_batch": 4}, "ac_trade": [t]})
+    assert "| 32 | 4.0 | 1.0 | 0.25 | 100 | 150 | 1.30 [" in md
