@@ -383,6 +383,13 @@ class Session:
         ``manifest``: the file's contents, if the caller has read it already."""
         return self.state.load(Path(path), manifest=manifest, restore_rng=restore_rng)
 
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """The whole model's ``state_dict`` (plain tensors, the unsplit model's keys) on the main
+        process, gathered from shards or pipeline stages; ``None`` on the other ranks.
+        Collective: call it on every rank (as Accelerate's ``get_state_dict``)."""
+        state = self.strategy.export_state_dict(self._require_model())
+        return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+
     def register_for_checkpointing(self, obj: Any) -> None:
         """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``: an LR
         scheduler, a GradScaler, your own counter) with every checkpoint."""

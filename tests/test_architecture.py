@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "disttrain"
-APP = {"disttrain.cli", "disttrain.launch", "disttrain.sweep", "disttrain.horovodrun", "disttrain.__main__"}
+APP = {"disttrain.cli", "disttrain.launch", "disttrain.sweep", "disttrain.horovodrun", "disttrain.__main__",
+       "disttrain.export"}
 FACES = {"disttrain.session", "disttrain.state", "disttrain.registry", "disttrain.trainer"}
 HELPERS = {"disttrain.env", "disttrain.checkpoint", "disttrain.loaders", "disttrain.schema", "disttrain.tree",
            "disttrain.timing", "disttrain.faults", "disttrain.preemption", "disttrain.observe", "disttrain.errors",
-           "disttrain.forward",
+           "disttrain.forward", "disttrain.blocks", "disttrain.activation_checkpointing",
            "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun", "disttrain.placement"}
 
 

@@ -15,6 +15,7 @@ CHAR_GPT = ["--config-dir", "examples/char_gpt/conf", "experiment=char_gpt", "tr
             "trainer.max_epochs=2"]
 STRATEGIES = {
     "ddp": [],
+    "fsdp": ["strategy.wrap=[Block]"],
 }
 
 
