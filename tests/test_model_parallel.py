@@ -452,7 +452,8 @@ def _train(st, env, model_name: str, opt_kind: str, accum: int, clip, data_paral
     }
 
 
-def _pipeline_worker(configs) -> list[dict]:
+def _run_configs(configs) -> list[dict]:
+    """Each configuration in turn, in this spawned process."""
     env = DistEnv.from_environ()
     out = []
     for label, model_name, kw, opt_kind, accum, clip in configs:
@@ -461,11 +462,14 @@ def _pipeline_worker(configs) -> list[dict]:
         st.setup(env, torch.device("cpu"), "gloo", 60)
         out.append(_train(st, env, model_name, opt_kind, accum, clip))
         st.teardown()
-    out.append(_plugin_face(env))
     return out
 
 
-def _plugin_face(env) -> dict:
+def _pipeline_worker(configs) -> list[dict]:
+    return _run_configs(configs) + [_plugin_face(DistEnv.from_environ())]
+
+
+def _plugin_face(env: DistEnv) -> dict:
     """The plug-in face: prepare a whole model and its optimizer, one line per step."""
     import disttrain
 
@@ -545,7 +549,7 @@ def _token_data():
 
 
 def _trainer_run(run_dir: str, resume: str | None) -> dict:
-    """The Trainer on DP2 x PP2: 6 steps, a checkpoint every 2; returns this rank's final state."""
+    """The Trainer on DP2 x PP2: 4 steps, a checkpoint every 2; returns this rank's final state."""
     from disttrain.checkpoint import shards_dir
     from disttrain.session import Session
     from disttrain.strategies.model_parallel import checkpointing
@@ -553,14 +557,14 @@ def _trainer_run(run_dir: str, resume: str | None) -> dict:
 
     s = Session(ModelParallelStrategy(**TRAIN_KW), timeout_s=30, seed=0)
     model = s.build_model(TinyGPT)
-    cfg = TrainerConfig(max_epochs=1, max_steps=6, checkpoint_every_n_steps=2, log_every_n_steps=2, resume=resume,
+    cfg = TrainerConfig(max_epochs=1, max_steps=4, checkpoint_every_n_steps=2, log_every_n_steps=2, resume=resume,
                         check_in_sync=True)
     trainer = Trainer(s, model, make_optimizer("adamw", model), gpt_loss, _token_data(), batch_size=8, config=cfg,
                       run_dir=Path(run_dir), seed=3)
     trainer.fit()
     state = checkpointing.local_state(s.unwrap(trainer.model), trainer.optimizer)
     out = {"state": {k: v.clone() for k, v in _flat(state).items()}, "step": trainer.step,
-           "shards": str(shards_dir(Path(run_dir) / "checkpoints" / "step_00000006.pt"))}
+           "shards": str(shards_dir(Path(run_dir) / "checkpoints" / "step_00000004.pt"))}
     del trainer, model
     s.close()
     return out
@@ -577,15 +581,7 @@ def _flat(state: dict, prefix: str = "") -> dict:
 
 
 def _dp_pp_worker(configs, run_dir: str) -> tuple[list[dict], dict]:
-    env = DistEnv.from_environ()
-    out = []
-    for label, model_name, kw, opt_kind, accum, clip in configs:
-        st = ModelParallelStrategy(**kw)
-        st.validate(env)
-        st.setup(env, torch.device("cpu"), "gloo", 60)
-        out.append(_train(st, env, model_name, opt_kind, accum, clip))
-        st.teardown()
-    return out, _trainer_run(run_dir, None)
+    return _run_configs(configs), _trainer_run(run_dir, None)
 
 
 def _resume_worker(run_dir: str) -> dict:
@@ -614,7 +610,7 @@ def test_dp2_pp2_equals_unsplit_and_kill_and_resume_equals_uninterrupted(tmp_pat
     for r in results:
         assert r[0][0]["overlapped"] >= 1, "buckets all-reduced during backward (gpipe, full backward)"
     uninterrupted = [r[1] for r in results]
-    assert all(u["step"] == 6 for u in uninterrupted)
+    assert all(u["step"] == 4 for u in uninterrupted)
     # the data-parallel replicas of a stage end identical
     assert_close_dicts(uninterrupted[2]["state"], uninterrupted[0]["state"], "replicas", atol=0.0)
     _check_shard_files(Path(uninterrupted[0]["shards"]), {r: set(u["state"]) for r, u in enumerate(uninterrupted)})
@@ -622,14 +618,14 @@ def test_dp2_pp2_equals_unsplit_and_kill_and_resume_equals_uninterrupted(tmp_pat
     with pytest.raises((RuntimeError, TimeoutError)):  # rank 1 dies after step 3; the others' messages fail
         run_distributed(_trainer_run, 4, str(killed), None, timeout=200, env={"DISTTRAIN_FAULT": "kill@1:3"})
     assert (killed / "checkpoints" / "step_00000002.pt").exists()
-    assert not (killed / "checkpoints" / "step_00000004.pt").exists()
+    assert not (killed / "checkpoints" / "step_00000004.pt").exists()  # rank 1 died after step 3
     after = run_distributed(_resume_worker, 4, str(killed), timeout=200)
     for r in range(4):
-        assert after[r]["step"] == 6
+        assert after[r]["step"] == 4
         assert_close_dicts(after[r]["state"], uninterrupted[r]["state"], f"resumed rank {r}", atol=0.0)
 
     # the same checkpoint at another data-parallel size (D=1, K=2): each rank loads its stage
-    loaded = run_distributed(_load_at_other_d_worker, 2, str(whole / "checkpoints" / "step_00000006.pt"), timeout=120)
+    loaded = run_distributed(_load_at_other_d_worker, 2, str(whole / "checkpoints" / "step_00000004.pt"), timeout=120)
     for r in range(2):
         assert_close_dicts(loaded[r], uninterrupted[r]["state"], f"loaded at D=1 rank {r}", atol=0.0)
         assert set(loaded[r]) == set(uninterrupted[r]["state"])

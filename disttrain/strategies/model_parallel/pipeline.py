@@ -22,7 +22,7 @@ from disttrain.strategies.model_parallel import checkpointing
 from disttrain.strategies.model_parallel.builder import StageBuilder
 from disttrain.strategies.model_parallel.grad_sync import GradSync
 from disttrain.strategies.model_parallel.options import Options
-from disttrain.strategies.model_parallel.report import Reporter
+from disttrain.strategies.model_parallel.report import REPORT_STEP, Reporter
 from disttrain.strategies.model_parallel.stage_module import (
     CALL_HINT, build_whole, check_optimizer_covers, meta_copy, narrow_optimizer,
 )
@@ -59,11 +59,10 @@ class Pipeline:
         from torch.distributed.device_mesh import init_device_mesh
 
         self.device = self.builder.device = device
-        self.meter = Meter(device)
+        self.meter = Meter(device, REPORT_STEP)
         mesh = init_device_mesh(device.type, (self.d, self.k), mesh_dim_names=("dp", "pp"))
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
-        last = self.stage_ranks[-1]
-        self.stats = StepStats(device, self.pp_rank, lambda g: (g // self.k) * self.k + last)
+        self.stats = StepStats(device, self.pp_group, self.stage_ranks[-1])
 
     def teardown(self) -> None:
         if self.grad_sync is not None:
@@ -153,7 +152,7 @@ class Pipeline:
                 self.grad_sync.finish()
         busy, wall = sum(self.meter.busy.values()), time.perf_counter() - t0
         mine = float(sum(l.detach().double() for l in losses)) if losses else None
-        table = self.stats.gather(mine, busy, wall, self.meter.peak)
+        loss = self.stats.gather(mine, busy, wall)
         timer.add("forward", self.meter.busy["F"])
         timer.add("backward", self.meter.busy["B"] + self.meter.busy["W"])
         timer.add("pipeline_wait", max(wall - busy, 0.0))
@@ -163,8 +162,8 @@ class Pipeline:
                 self.clip_grad_norm(model, grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self.reporter.after_update(self, table)
-        return torch.tensor(self.stats.loss_for(table), dtype=torch.float32, device=self.device)
+        self.reporter.after_update(self)
+        return torch.tensor(loss, dtype=torch.float32, device=self.device)
 
     def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
         """Outputs on the rank holding the last stage, ``None`` elsewhere. The batch is padded

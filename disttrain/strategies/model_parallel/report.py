@@ -46,7 +46,7 @@ class Reporter:
             "busy_s": float(sum(meter.busy.values())),
         }
 
-    def after_update(self, pipeline: "Pipeline", table: list[list[float]]) -> None:
+    def after_update(self, pipeline: "Pipeline") -> None:
         """Called after the optimizer step (its state exists now); collective at the report step."""
         if not self.enabled or self.steps != REPORT_STEP or pipeline.module is None or pipeline.optimizer is None:
             return

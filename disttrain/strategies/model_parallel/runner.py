@@ -58,8 +58,20 @@ class Runner:
 
 
 def bind(traced: nn.Module, tensors: nn.Module) -> None:
-    """Give ``traced`` (a stage traced on meta) the real parameters and buffers of ``tensors``
-    (the ``StageModule``) under the same fully qualified names."""
+    """Make ``traced`` (a stage traced on meta) run on the user's own objects: every module its
+    graph calls (``blocks.4``, ``ln_f``) becomes the user's module of that name, held by
+    ``tensors`` (the ``StageModule``), so it runs the user's eager code on its real tensors; the
+    code between those calls (``tok_emb(idx) + pos_emb(pos)``) stays traced. Any parameter or
+    buffer the graph reads directly is bound by name too."""
+    graph = getattr(traced, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "call_module":
+            try:
+                own = tensors.get_submodule(node.target)
+            except AttributeError:
+                continue
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(traced.get_submodule(parent) if parent else traced, leaf, own)
     for kind, items in (("parameter", traced.named_parameters(remove_duplicate=False)),
                         ("buffer", traced.named_buffers(remove_duplicate=False))):
         for name, _ in list(items):

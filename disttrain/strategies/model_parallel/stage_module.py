@@ -79,6 +79,7 @@ class StageModule(nn.Module):
         and running the model's own initialiser if the model was built on meta), drop the rest.
         Returns how parameters were replaced: ``{id(old): new, or None if dropped}``."""
         replaced: dict[int, nn.Parameter | None] = {}
+        had = {id(m) for m in self.modules() if _holds_tensors(m)}
         if self.on_meta:
             self._materialise(names, device, replaced)
         for mod_name, module in list(self.named_modules()):
@@ -89,7 +90,7 @@ class StageModule(nn.Module):
                     del module._parameters[leaf]
             for leaf in [b for b in module._buffers if prefix + b not in names]:
                 del module._buffers[leaf]
-        _drop_empty(self)
+        _drop_emptied(self, had)
         self.kept = set(names)
         self.__dict__["_root"] = None
         return replaced
@@ -121,12 +122,20 @@ class StageModule(nn.Module):
             self._root._buffers[name] = b
 
 
-def _drop_empty(module: nn.Module) -> bool:
-    """Remove submodules that hold no tensor any more; True if ``module`` itself is empty."""
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _drop_emptied(module: nn.Module, had: set[int]) -> None:
+    """Remove the submodules whose tensors were all dropped. A module that never held a tensor
+    (an activation inside a kept block) stays: the block's own forward calls it."""
     for name, child in list(module._modules.items()):
-        if child is None or _drop_empty(child):
+        if child is None:
+            continue
+        if id(child) in had and not _holds_tensors(child):
             del module._modules[name]
-    return not module._parameters and not module._buffers and not module._modules
+        else:
+            _drop_emptied(child, had)
 
 
 def narrow_optimizer(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter | None]) -> None:

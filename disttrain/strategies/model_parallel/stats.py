@@ -1,12 +1,11 @@
 """What a pipeline reports: compute time and activation memory measured inside torch's schedule,
-the bubble, and the per-stage memory report (with the cost model's prediction beside it).
+the bubble, and the per-stage memory table.
 
 :class:`Meter` instruments this rank's ``PipelineStage`` objects: their ``forward_one_chunk``,
 ``backward_one_chunk`` and ``backward_weight_one_chunk`` are timed (the schedule's waits for
 point-to-point messages happen outside them), and the bytes each micro-batch's forward saves for
 backward are counted while they are alive (``saved_tensors_hooks``, parameters excluded).
-:class:`StepStats` shares one small vector per rank per step (``all_gather``): the loss of the
-rank's pipeline for every rank, and busy time, step time and activation peak for the metrics.
+:class:`StepStats` shares one small vector per rank per step within the pipeline.
 """
 
 from __future__ import annotations
@@ -21,10 +20,12 @@ import torch.distributed as dist
 
 
 class Meter:
-    """Per-step busy time and activation memory of this rank's stages."""
+    """Per-step busy time of this rank's stages, and their activation memory during the first
+    ``count_steps`` steps (what the report needs; the hooks cost a little on every tensor saved)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, count_steps: int = 2) -> None:
         self.device = device
+        self.count_steps, self.steps = count_steps, 0
         self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}
         self.live = 0
         self.peak = 0
@@ -42,7 +43,13 @@ class Meter:
 
     def start_step(self) -> None:
         self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}
-        self.live, self.peak, self.act = 0, 0, {}
+        self.steps += 1
+        if self.counting:
+            self.live, self.peak, self.act = 0, 0, {}
+
+    @property
+    def counting(self) -> bool:
+        return self.steps <= self.count_steps
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -52,6 +59,11 @@ class Meter:
     def _forward(self, s: int, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(mb: int, *args: Any, **kwargs: Any) -> Any:
+            if not self.counting:
+                t0 = self._now()
+                out = fn(mb, *args, **kwargs)
+                self.busy["F"] += self._now() - t0
+                return out
             saved = [0]
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -87,38 +99,28 @@ class Meter:
         return run
 
 
-FIELDS = ("loss", "busy", "wall", "act_peak")
-
-
 class StepStats:
-    """The per-step gather, and the windows the metrics and the summary are computed over."""
+    """One small ``all_gather`` per step within the pipeline (the ranks of one ``pp`` row): the
+    loss, computed on the last stage, for every rank of the pipeline, and each rank's busy and
+    wall time for the bubble metrics (kept locally: reading them needs no collective)."""
 
-    def __init__(self, device: torch.device, pp_rank: int, last_stage_rank_of: Callable[[int], int]) -> None:
-        self.device = device
-        self.pp_rank = pp_rank
-        self.last_stage_rank_of = last_stage_rank_of  # global rank -> the global rank of its pipeline's last stage
+    def __init__(self, device: torch.device, group: Any, last_rank: int) -> None:
+        self.device, self.group, self.last_rank = device, group, last_rank
         self.window = _new_window()
         self.total = _new_window()
 
-    def gather(self, loss: float | None, busy: float, wall: float, peak: int) -> list[list[float]]:
-        """Every rank's ``FIELDS`` for this step, indexed by global rank."""
-        row = torch.tensor([math.nan if loss is None else loss, busy, wall, float(peak), float(self.pp_rank)],
-                           dtype=torch.float64, device=self.device)
-        rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, row)
+    def gather(self, loss: float | None, busy: float, wall: float) -> float:
+        """Share this step's figures within the pipeline; returns the pipeline's loss."""
+        row = torch.tensor([math.nan if loss is None else loss, busy, wall], dtype=torch.float64, device=self.device)
+        rows = [torch.empty_like(row) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, row, group=self.group)
         table = [r.cpu().tolist() for r in rows]
         for w in (self.window, self.total):
             w["steps"] += 1
             w["span"] += max(r[2] for r in table)
-            for r in table:
-                k = int(r[4])
+            for k, r in enumerate(table):
                 w["busy"][k] = w["busy"].get(k, 0.0) + r[1]
-                w["n"][k] = w["n"].get(k, 0) + 1
-        return table
-
-    def loss_for(self, table: list[list[float]]) -> float:
-        """The loss of this rank's pipeline (computed on its last stage)."""
-        return table[self.last_stage_rank_of(dist.get_rank())][0]
+        return table[self.last_rank][0]
 
     def metrics(self) -> dict[str, float]:
         """Bubble and busy time per pipeline rank over the window since the last call."""
@@ -131,7 +133,7 @@ class StepStats:
 
 
 def _new_window() -> dict[str, Any]:
-    return {"steps": 0, "span": 0.0, "busy": {}, "n": {}}
+    return {"steps": 0, "span": 0.0, "busy": {}}
 
 
 def _bubble(w: dict[str, Any]) -> dict[str, float]:
@@ -140,7 +142,7 @@ def _bubble(w: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     fracs = []
     for k in sorted(w["busy"]):
-        busy = w["busy"][k] / w["n"][k] * w["steps"]  # mean over the rank's data-parallel replicas
+        busy = w["busy"][k]
         frac = max(0.0, 1.0 - busy / w["span"])
         fracs.append(frac)
         out[f"pipeline/rank{k}_busy_ms"] = 1e3 * busy / w["steps"]
