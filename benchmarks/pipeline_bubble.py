@@ -65,6 +65,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "bubble_measured": statistics.median(r["bubble"]), "bubble_formula": schedules.get(r["schedule"]).bubble(k, v, m),
             "bubble_simulated": r.get("bubble_simulated"),
             "step_ms": ours, "plain_ms": plain, "ratio": ours / plain, "predicted_step_ms": r.get("predicted_step_ms"),
+            "loss_sync_ms": statistics.median(r["sync_ms"]) if r.get("sync_ms") else None,
             "memory": mem,
         })
     scaling = {name: {"step_ms": statistics.median(t), "samples_per_sec": raw["scaling_batch"] / statistics.median(t) * 1e3}
@@ -89,13 +90,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Pipelines on torch.distributed.pipelining (width {c['width']}, {c['layers']} x Linear+Tanh, batch "
         f"{c['batch']}, {c['device']}, {c['steps']} alternated rounds after {c['warmup']} warm-up; medians)",
         "",
-        "| K | schedule | V | M | bubble measured | formula | step ms | plain torch ms | ratio | predicted step ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| K | schedule | V | M | bubble measured | formula | step ms | plain torch ms | ratio | of which loss sync ms | predicted step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         pred = f"{r['predicted_step_ms']:.1f}" if r.get("predicted_step_ms") else ""
+        sync = f"{r['loss_sync_ms']:.1f}" if r.get("loss_sync_ms") is not None else ""
         lines.append(f"| {r['k']} | {r['schedule']} | {r['v']} | {r['m']} | {r['bubble_measured']:.3f} | "
-                     f"{r['bubble_formula']:.3f} | {r['step_ms']:.1f} | {r['plain_ms']:.1f} | {r['ratio']:.2f} | {pred} |")
+                     f"{r['bubble_formula']:.3f} | {r['step_ms']:.1f} | {r['plain_ms']:.1f} | {r['ratio']:.2f} | {sync} | {pred} |")
     lines += ["", "Per pipeline rank, memory measured by disttrain / predicted by the cost model (MiB):", "",
               "| K | schedule | M | " + " | ".join(f"rank {i}" for i in range(max(r["k"] for r in result["rows"]))) + " |",
               "|---|---|---|" + "---|" * max(r["k"] for r in result["rows"])]
@@ -126,23 +128,41 @@ def _model(width: int, layers: int):
     return nn.Sequential(*mods)
 
 
-def _env(rank: int, world: int, port: int) -> None:
+def _env(rank: int, world: int, port: int, cfg: dict) -> tuple[Any, Any, str]:
+    """Environment of a spawned rank: ``(DistEnv, device, backend)`` (a GPU per rank with
+    ``device="cuda"``, NCCL; else CPU and gloo)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    from disttrain.env import DistEnv
+
+    torch.set_num_threads(1)
+    if cfg["device"] == "cuda" and torch.cuda.is_available():
+        return DistEnv.from_environ(), torch.device("cuda", rank % torch.cuda.device_count()), "nccl"
+    return DistEnv.from_environ(), torch.device("cpu"), "gloo"
 
 
-def _ours(schedule: str, m: int, cfg: dict, env: Any, device: Any, pipeline_size: int | None = None):
+def _now(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _ours(schedule: str, m: int, cfg: dict, env: Any, device: Any, backend: str, pipeline_size: int | None = None):
     import torch
 
     from disttrain.strategies.model_parallel import ModelParallelStrategy
 
     k = pipeline_size or env.world_size
     n = k * stages_per_rank(schedule)
-    cuts = equal_cuts(2 * cfg["layers"], n)
+    cuts = [2 * c for c in equal_cuts(cfg["layers"], n)]  # whole Linear+Tanh layers per stage
     placement = [{"modules": [f"{cuts[s]}-{cuts[s + 1] - 1}"]} for s in range(n)]
     st = ModelParallelStrategy(placement=placement, schedule=schedule, microbatches=m, pipeline_size=k)
     st.validate(env)
-    st.setup(env, device, "gloo", 300)
+    st.setup(env, device, backend, 300)
     model = st.build_model(lambda: _model(cfg["width"], cfg["layers"]))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model, opt = st.wrap(model, opt)
@@ -158,7 +178,7 @@ def _plain(schedule: str, m: int, cuts: list[int], cfg: dict, rank: int, world: 
 
     n = len(cuts) - 1
     mapping = generate_stage_to_rank_mapping(world, n, style="v" if schedule == "zbv" else "loop")
-    full = _model(cfg["width"], cfg["layers"])
+    full = _model(cfg["width"], cfg["layers"]).to(device)
     stages = [pipelining.PipelineStage(full[cuts[s]:cuts[s + 1]], s, n, device) for s in range(n) if mapping[s] == rank]
     cls = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
            "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B,
@@ -177,7 +197,7 @@ def _plain_step(sched: Any, stages: list, opt: Any, x: Any, y: Any) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _predict(cfg: dict, schedule: str, k: int, m: int, cuts: list[int], profiles: dict) -> dict:
+def _predict(cfg: dict, schedule: str, k: int, m: int, cuts: list[int], profiles: dict, device: Any) -> dict:
     """The cost model's prediction for these stages (rank 0 profiles the unsplit model once per
     micro-batch size)."""
     import torch
@@ -188,8 +208,8 @@ def _predict(cfg: dict, schedule: str, k: int, m: int, cuts: list[int], profiles
 
     mb = cfg["batch"] // m
     if mb not in profiles:
-        model = _model(cfg["width"], cfg["layers"])
-        x, y = torch.randn(mb, cfg["width"]), torch.randn(mb, cfg["width"])
+        model = _model(cfg["width"], cfg["layers"]).to(device)
+        x, y = torch.randn(mb, cfg["width"], device=device), torch.randn(mb, cfg["width"], device=device)
         profiles[mb] = cost.profile(model, pl.units(model), (x,), lambda out: F.mse_loss(out, y), optim_ratio=1.0)
     spec = schedules.get(schedule)
     v = stages_per_rank(schedule)
@@ -200,58 +220,59 @@ def _predict(cfg: dict, schedule: str, k: int, m: int, cuts: list[int], profiles
 
 
 def _schedules_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
-    _env(rank, world, port)
+    env, device, backend = _env(rank, world, port, cfg)
     import torch
     import torch.distributed as dist
-
-    from disttrain.env import DistEnv, destroy_process_group
-    from disttrain.timing import StepTimer
     from torch.nn import functional as F
 
-    torch.set_num_threads(1)
-    env, device = DistEnv.from_environ(), torch.device("cpu")
+    from disttrain.env import destroy_process_group
+    from disttrain.timing import StepTimer
+
     entries = []
     for schedule in cfg["schedules"]:
         for f in cfg["m_factors"]:
             m = world * f
-            if 2 * cfg["layers"] < world * stages_per_rank(schedule) or cfg["batch"] % m:
+            if cfg["layers"] < world * stages_per_rank(schedule) or cfg["batch"] % m:
                 continue
-            st, model, opt, cuts = _ours(schedule, m, cfg, env, device)
+            st, model, opt, cuts = _ours(schedule, m, cfg, env, device, backend)
             plain = _plain(schedule, m, cuts, cfg, rank, world, device)
             entries.append({"schedule": schedule, "m": m, "ours": (st, model, opt), "plain": plain, "cuts": cuts,
-                            "ours_ms": [], "plain_ms": [], "bubble": []})
+                            "ours_ms": [], "plain_ms": [], "sync_ms": [], "bubble": []})
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(cfg["batch"], cfg["width"], generator=g), torch.randn(cfg["batch"], cfg["width"], generator=g)
+    x, y = (torch.randn(cfg["batch"], cfg["width"], generator=g).to(device) for _ in range(2))
     timer = StepTimer(device)
     for rnd in range(cfg["warmup"] + cfg["steps"]):
         for e in entries:
             st, model, opt = e["ours"]
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = _now(device)
             st.train_step(model, opt, [(x, y)], F.mse_loss, None, timer)
-            t_ours = time.perf_counter() - t0
+            t_ours = _now(device) - t0
+            sync = timer.step.get("loss_sync", 0.0)
             bubble = st.log_metrics().get("pipeline/bubble_fraction")
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = _now(device)
             _plain_step(*e["plain"], x, y)
-            t_plain = time.perf_counter() - t0
+            t_plain = _now(device) - t0
             timer.end_step()
             if rnd >= cfg["warmup"]:
                 e["ours_ms"].append(1e3 * t_ours)
                 e["plain_ms"].append(1e3 * t_plain)
+                e["sync_ms"].append(1e3 * sync)
                 e["bubble"].append(bubble)
-    mine = [{"ours_ms": e["ours_ms"], "plain_ms": e["plain_ms"]} for e in entries]
+    mine = [{"ours_ms": e["ours_ms"], "plain_ms": e["plain_ms"], "sync_ms": e["sync_ms"]} for e in entries]
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
     profiles: dict = {}
     out = []
     for i, e in enumerate(entries):
         rows = e["ours"][0].memory_report() or []
-        pred = _predict(cfg, e["schedule"], world, e["m"], e["cuts"], profiles) if rank == 0 else {}
+        pred = _predict(cfg, e["schedule"], world, e["m"], e["cuts"], profiles, device) if rank == 0 else {}
         out.append({
             "k": world, "schedule": e["schedule"], "m": e["m"], "bubble": e["bubble"],
             "ours_ms": [max(r[i]["ours_ms"][j] for r in every) for j in range(len(e["ours_ms"]))],
             "plain_ms": [max(r[i]["plain_ms"][j] for r in every) for j in range(len(e["plain_ms"]))],
+            "sync_ms": [statistics.mean(r[i]["sync_ms"][j] for r in every) for j in range(len(e["sync_ms"]))],
             "memory_measured": [row["total"] for row in rows], "memory_predicted": pred.get("memory", []),
             "predicted_step_ms": pred.get("step_ms"), "bubble_simulated": pred.get("bubble"),
         })
@@ -265,30 +286,28 @@ def _schedules_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str)
 
 def _scaling_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     """DP x PP vs DP vs PP on the same model and global batch, one step of each per round."""
-    _env(rank, world, port)
+    env, device, backend = _env(rank, world, port, cfg)
     import torch
     import torch.distributed as dist
     from torch.nn import functional as F
 
-    from disttrain.env import DistEnv, destroy_process_group
+    from disttrain.env import destroy_process_group
     from disttrain.strategies.ddp import DDPStrategy
     from disttrain.timing import StepTimer
 
-    torch.set_num_threads(1)
-    env, device = DistEnv.from_environ(), torch.device("cpu")
     b, mb = cfg["scaling_batch"], cfg["scaling_batch"] // (2 * world)
     setups = {}
     for name, k in ((f"DP{world // 2} x PP2", 2), (f"PP{world}", world)):
-        st, model, opt, _ = _ours("1f1b", b // (world // k) // mb, cfg, env, device, pipeline_size=k)
+        st, model, opt, _ = _ours("1f1b", b // (world // k) // mb, cfg, env, device, backend, pipeline_size=k)
         setups[name] = (st, model, opt)
     ddp = DDPStrategy()
     ddp.validate(env)
-    ddp.setup(env, device, "gloo", 300)
+    ddp.setup(env, device, backend, 300)
     model = _model(cfg["width"], cfg["layers"])
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     setups[f"DP{world}"] = (ddp, *ddp.wrap(model, opt))
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(b, cfg["width"], generator=g), torch.randn(b, cfg["width"], generator=g)
+    x, y = (torch.randn(b, cfg["width"], generator=g).to(device) for _ in range(2))
     times: dict[str, list[float]] = {name: [] for name in setups}
     timer = StepTimer(device)
     for rnd in range(cfg["warmup"] + cfg["steps"]):
@@ -296,11 +315,11 @@ def _scaling_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -
             index, count = st.data_shard(env)
             xs, ys = x.chunk(count)[index], y.chunk(count)[index]
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = _now(device)
             st.train_step(model, opt, [(xs, ys)], F.mse_loss, None, timer)
             dist.barrier()
             if rnd >= cfg["warmup"]:
-                times[name].append(1e3 * (time.perf_counter() - t0))
+                times[name].append(1e3 * (_now(device) - t0))
             timer.end_step()
     for st, _, _ in setups.values():
         st.teardown()
@@ -384,11 +403,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank, NCCL")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     res = run(stages=a.stages, schedules=a.schedules, m_factors=a.m_factors, batch=a.batch, width=a.width,
-              layers=a.layers, steps=a.steps, warmup=a.warmup, scaling=not a.no_scaling, write=not a.no_write)
+              layers=a.layers, steps=a.steps, warmup=a.warmup, scaling=not a.no_scaling, device=a.device,
+              write=not a.no_write)
     print(markdown(res))
 
 

@@ -340,6 +340,29 @@ def test_every_placement_error_is_one_clear_message_on_every_rank_before_any_pro
     assert "'blocks.9'" in msg and "blocks.0-3" in msg
 
 
+def test_a_snapshot_taken_before_the_cut_restores_after_it():
+    """The Trainer's pre-flight snapshots the model before the first step; with placement: auto the
+    stages are cut during the pre-flight steps, and the restore takes this rank's tensors back."""
+    st = ModelParallelStrategy(placement="auto")
+    st.validate(DistEnv(rank=1, world_size=2, local_world_size=2))
+    torch.manual_seed(0)
+    model = st.build_model(TinyGPT)
+    opt = make_optimizer("adamw", model)
+    model, opt = st.wrap(model, opt)
+    snapshot = copy.deepcopy(Strategy.state_dict(st, model, opt))
+    keep = {n for n in snapshot["model"] if n.startswith(("blocks.2", "blocks.3", "ln_f", "head"))}
+    st.role.builder.cut(keep)  # what the first step does on pipeline rank 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+            opt.state[p] = {"step": torch.tensor(1.0)}
+    st.load_state_dict(model, opt, snapshot)
+    assert set(model.state_dict()) == keep and not opt.state
+    assert_close_dicts(model.state_dict(), snapshot["model"], "restored", atol=0.0)
+    assert [len(g["params"]) for g in opt.param_groups] == [
+        sum(1 for n, p in model.named_parameters() if p.dim() >= 2), sum(1 for n, p in model.named_parameters() if p.dim() < 2)]
+
+
 def test_a_stage_listed_out_of_call_order_is_named():
     with torch.device("meta"):
         skeleton = TinyGPT()

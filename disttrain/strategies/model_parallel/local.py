@@ -259,9 +259,12 @@ class LocalDevices:
 
     def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Any,
                         manifest: dict[str, Any]) -> None:
-        model.load_state_dict(manifest["model"])
-        if optimizer is not None and manifest.get("optimizer") is not None:
-            optimizer.load_state_dict(manifest["optimizer"])
+        self.restore(model, optimizer, manifest)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
 
     def export_state_dict(self, model: nn.Module) -> dict[str, Any]:
         return model.state_dict()

@@ -152,7 +152,7 @@ class Pipeline:
                 self.grad_sync.finish()
         busy, wall = sum(self.meter.busy.values()), time.perf_counter() - t0
         mine = float(sum(l.detach().double() for l in losses)) if losses else None
-        loss = self.stats.gather(mine, busy, wall)
+        pending = self.stats.start(mine, busy, wall)  # the last stage's loss to every rank, during the update
         timer.add("forward", self.meter.busy["F"])
         timer.add("backward", self.meter.busy["B"] + self.meter.busy["W"])
         timer.add("pipeline_wait", max(wall - busy, 0.0))
@@ -162,6 +162,8 @@ class Pipeline:
                 self.clip_grad_norm(model, grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        with timer.phase("loss_sync"):
+            loss = self.stats.finish(pending)
         self.reporter.after_update(self)
         return torch.tensor(loss, dtype=torch.float32, device=self.device)
 
@@ -263,6 +265,23 @@ class Pipeline:
             self._pending_load = path
             return
         checkpointing.load(self.module, optimizer, path)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        """Restore a local snapshot (``Strategy.state_dict``: the Trainer's pre-flight). A snapshot
+        taken before the stages were cut holds the whole model and a fresh optimizer: this rank
+        takes its own tensors and starts its optimizer fresh again."""
+        assert self.module is not None
+        mine = self.module.state_dict()
+        self.module.load_state_dict({k: v for k, v in state["model"].items() if k in mine})
+        saved = state.get("optimizer")
+        if optimizer is None or saved is None:
+            return
+        if saved.get("state"):  # taken after the cut: the same parameters
+            optimizer.load_state_dict(saved)
+            return
+        optimizer.state.clear()
+        for group, old in zip(optimizer.param_groups, saved["param_groups"]):
+            group.update({k: v for k, v in old.items() if k != "params"})
 
     def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         assert self.module is not None and self.builder.skeleton is not None

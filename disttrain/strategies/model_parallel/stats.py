@@ -27,6 +27,7 @@ class Meter:
         self.device = device
         self.count_steps, self.steps = count_steps, 0
         self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}
+        self.stage_busy: dict[int, float] = {}  # stage -> compute seconds this step
         self.live = 0
         self.peak = 0
         self.act: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> bytes alive
@@ -43,6 +44,7 @@ class Meter:
 
     def start_step(self) -> None:
         self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}
+        self.stage_busy = {}
         self.steps += 1
         if self.counting:
             self.live, self.peak, self.act = 0, 0, {}
@@ -56,13 +58,17 @@ class Meter:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _add(self, kind: str, stage: int, seconds: float) -> None:
+        self.busy[kind] += seconds
+        self.stage_busy[stage] = self.stage_busy.get(stage, 0.0) + seconds
+
     def _forward(self, s: int, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(mb: int, *args: Any, **kwargs: Any) -> Any:
             if not self.counting:
                 t0 = self._now()
                 out = fn(mb, *args, **kwargs)
-                self.busy["F"] += self._now() - t0
+                self._add("F", s, self._now() - t0)
                 return out
             saved = [0]
 
@@ -77,7 +83,7 @@ class Meter:
             t0 = self._now()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = fn(mb, *args, **kwargs)
-            self.busy["F"] += self._now() - t0
+            self._add("F", s, self._now() - t0)
             self.act[(s, mb)] = saved[0]
             self.act_per_mb[s] = saved[0]
             self.live += saved[0]
@@ -91,7 +97,7 @@ class Meter:
         def run(mb: int, *args: Any, **kwargs: Any) -> Any:
             t0 = self._now()
             out = fn(mb, *args, **kwargs)
-            self.busy[kind] += self._now() - t0
+            self._add(kind, s, self._now() - t0)
             if release(kwargs):
                 self.live -= self.act.pop((s, mb), 0)
             return out
@@ -109,11 +115,16 @@ class StepStats:
         self.window = _new_window()
         self.total = _new_window()
 
-    def gather(self, loss: float | None, busy: float, wall: float) -> float:
-        """Share this step's figures within the pipeline; returns the pipeline's loss."""
+    def start(self, loss: float | None, busy: float, wall: float) -> tuple[Any, list[torch.Tensor]]:
+        """Start sharing this step's figures within the pipeline (asynchronously: the optimizer
+        step runs meanwhile); ``finish`` waits and returns the pipeline's loss."""
         row = torch.tensor([math.nan if loss is None else loss, busy, wall], dtype=torch.float64, device=self.device)
         rows = [torch.empty_like(row) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(rows, row, group=self.group)
+        return dist.all_gather(rows, row, group=self.group, async_op=True), rows
+
+    def finish(self, pending: tuple[Any, list[torch.Tensor]]) -> float:
+        work, rows = pending
+        work.wait()
         table = [r.cpu().tolist() for r in rows]
         for w in (self.window, self.total):
             w["steps"] += 1

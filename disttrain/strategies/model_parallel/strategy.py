@@ -14,7 +14,7 @@ from torch import nn
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
 from disttrain.registry import to_plain
-from disttrain.strategies.base import Batch, LossFn, Strategy
+from disttrain.strategies.base import Batch, LossFn, RunOptions, Strategy
 from disttrain.strategies.model_parallel import options as opts_mod
 from disttrain.strategies.model_parallel.local import LocalDevices
 from disttrain.strategies.model_parallel.pipeline import Pipeline
@@ -83,10 +83,13 @@ class ModelParallelStrategy(Strategy):
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         return self._r.wrap(model, optimizer)
 
+    def configure(self, options: RunOptions) -> None:
+        if options.precision != "32":  # before any process group (the Session configures, then sets up)
+            raise ConfigError(f"precision={options.precision}: strategy=model_parallel trains in fp32; set precision=32")
+        super().configure(options)
+
     def apply_precision(self, model: nn.Module, precision: str) -> nn.Module:
-        if precision != "32":
-            raise ConfigError(f"precision={precision}: strategy=model_parallel trains in fp32; set precision=32")
-        return model
+        return model  # fp32 only (checked in configure)
 
     def to_device(self, x: Any) -> Any:
         return self._r.to_device(x)
@@ -143,6 +146,10 @@ class ModelParallelStrategy(Strategy):
     def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path,
                         manifest: dict[str, Any]) -> None:
         self._r.load_checkpoint(model, optimizer, path, manifest)
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` snapshot of this run (the Trainer's pre-flight check)."""
+        self._r.restore(model, optimizer, state)
 
     def export_state_dict(self, model: nn.Module) -> dict[str, Any] | None:
         return self._r.export_state_dict(model)
