@@ -229,7 +229,13 @@ class Session:
         micro_batches: list,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """One whole optimizer step, owned by the strategy (the Trainer's path)."""
+        """One whole optimizer step, owned by the strategy: the Trainer's path, and the plug-in
+        face's for strategies that run forward and backward together (pipelines):
+        ``loss = ds.train_step(model, optimizer, (inputs, targets), loss_fn)``. ``micro_batches``:
+        one ``(inputs, targets)`` batch (inputs a tensor), or a list of batches accumulated into
+        the step. Returns the mean loss."""
+        if isinstance(micro_batches, (tuple, list)) and micro_batches and torch.is_tensor(micro_batches[0]):
+            micro_batches = [micro_batches]  # one batch
         optimizer = optimizer.inner if isinstance(optimizer, _SessionOptimizer) else optimizer
         return self.strategy.train_step(model, optimizer, micro_batches, loss_fn, self.grad_clip, self.timer)
 

@@ -203,6 +203,32 @@ def test_tiny_sweep_end_to_end(tmp_path):
         assert text in md, text
 
 
+def test_pipeline_benchmark_summary_by_hand():
+    """The pipeline benchmark's arithmetic on made-up records: medians, ratio to the plain script,
+    the schedule's bubble formula, memory ratios and the target counts; the Markdown has a row each."""
+    from benchmarks import pipeline_bubble as pb
+
+    assert pb.equal_cuts(8, 4) == [0, 2, 4, 6, 8] and pb.equal_cuts(5, 2) == [0, 2, 5]
+    raw = {"scaling_batch": 64, "scaling": {"DP2 x PP2": [10.0, 20.0, 30.0], "DP4": [8.0]}, "schedules": [
+        {"k": 2, "schedule": "gpipe", "m": 2, "ours_ms": [10.0, 12.0, 11.0], "plain_ms": [10.0, 10.0, 10.0],
+         "bubble": [0.4, 0.5, 0.3], "memory_measured": [100.0, 230.0], "memory_predicted": [100.0, 200.0],
+         "predicted_step_ms": 9.0},
+        {"k": 2, "schedule": "zbv", "m": 4, "ours_ms": [20.0], "plain_ms": [21.0], "bubble": [0.2],
+         "memory_measured": [50.0, 50.0], "memory_predicted": [50.0, 50.0]},
+    ]}
+    res = pb.summarise(raw)
+    gpipe, zbv = res["rows"]
+    assert gpipe["step_ms"] == 11.0 and gpipe["ratio"] == pytest.approx(1.1) and gpipe["bubble_measured"] == 0.4
+    assert gpipe["bubble_formula"] == pytest.approx(1 / 3) and zbv["bubble_formula"] == pytest.approx(1 / 25)
+    assert [m["ratio"] for m in gpipe["memory"]] == pytest.approx([1.0, 1.15])
+    assert res["targets"] == {"step_ratio_le_1.05": 1, "configs": 2, "memory_within_15pct": 4, "memory_rows": 4}
+    assert res["scaling"]["DP2 x PP2"]["samples_per_sec"] == pytest.approx(64 / 20.0 * 1e3)
+    md = pb.markdown({**res, "config": {"width": 8, "layers": 2, "batch": 8, "device": "cpu", "steps": 3,
+                                        "warmup": 1, "scaling_world": 4, "scaling_batch": 64}, "machine": {}})
+    assert "| 2 | gpipe | 1 | 2 | 0.400 | 0.333 | 11.0 | 10.0 | 1.10 |  | 9.0 |" in md
+    assert "| DP2 x PP2 | 20.0 | 3200 |" in md and "in 1 of 2 configurations" in md
+
+
 @pytest.mark.timeout(600)
 def test_straggler_and_pipeline_modes_run_in_the_tool(tmp_path):
     """The sync-vs-async straggler comparison and the pipeline-bubble comparison run from the
