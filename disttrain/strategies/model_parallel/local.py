@@ -22,6 +22,7 @@ from disttrain.errors import ConfigError
 from disttrain.strategies.model_parallel import placement as pl
 from disttrain.strategies.model_parallel.options import Options
 from disttrain.strategies.model_parallel.stats import mib
+from disttrain.tree import map_tensors
 
 log = logging.getLogger("disttrain")
 
@@ -271,10 +272,4 @@ class LocalDevices:
 
 
 def _move(x: Any, dev: torch.device) -> Any:
-    if torch.is_tensor(x):
-        return x.to(dev, non_blocking=True) if x.device != dev else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_move(v, dev) for v in x)
-    if isinstance(x, dict):
-        return {k: _move(v, dev) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: t.to(dev, non_blocking=True) if t.device != dev else t, x)

@@ -13,7 +13,7 @@ from torch import nn
 
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.registry import to_plain
+from disttrain.tree import to_plain
 from disttrain.strategies.base import Batch, LossFn, RunOptions, Strategy
 from disttrain.strategies.model_parallel import options as opts_mod
 from disttrain.strategies.model_parallel.local import LocalDevices
