@@ -102,7 +102,9 @@ class ModelParallelStrategy(Strategy):
                    loss_fn: LossFn, grad_clip: float | None, timer: Any) -> torch.Tensor:
         return self._r.train_step(model, optimizer, micro_batches, loss_fn, grad_clip, timer)
 
-    def eval_forward(self, model: nn.Module, inputs: Any) -> torch.Tensor | None:
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: Any = None) -> torch.Tensor | None:
+        # stages run the user's modules on the inputs; the last stage's outputs meet the targets
+        # in the Trainer's loss function (a model's own loss is not split across stages)
         return self._r.eval_forward(model, inputs)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
