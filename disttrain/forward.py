@@ -56,7 +56,9 @@ def call(model: nn.Module, inputs: Any, targets: Any = None) -> Any:
 
 
 def loss_of(output: Any, targets: Any, loss_fn: Callable[..., torch.Tensor] | None) -> torch.Tensor:
-    """The loss of one batch: the model's own when its output carries one, else ``loss_fn``'s."""
+    """The loss of one batch: the model's own when its output carries one, else ``loss_fn``
+    of the prediction (the output tensor, or ``(logits, None)``'s logits: a model asked without
+    targets, as pipeline stages run it)."""
     own = model_loss(output)
     if own is not None:
         return own
@@ -66,7 +68,7 @@ def loss_of(output: Any, targets: Any, loss_fn: Callable[..., torch.Tensor] | No
             f"data.loss (e.g. data.loss._target_=torch.nn.CrossEntropyLoss), or return (output, loss) or "
             f"{{'loss': ...}} from forward"
         )
-    return loss_fn(output, targets)
+    return loss_fn(prediction_of(output), targets)
 
 
 def model_loss(output: Any) -> torch.Tensor | None:

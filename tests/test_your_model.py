@@ -16,6 +16,7 @@ CHAR_GPT = ["--config-dir", "examples/char_gpt/conf", "experiment=char_gpt", "tr
 STRATEGIES = {
     "ddp": [],
     "fsdp": ["strategy.wrap=[Block]"],
+    "model_parallel": [],  # placement: auto splits the GPT by measured cost
 }
 
 

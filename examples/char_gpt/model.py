@@ -74,3 +74,9 @@ def configure_optimizer(model: nn.Module, lr: float = 3e-3, weight_decay: float 
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every position: the loss the model computes itself, for where it is not
+    asked to (pipeline stages run the model without targets and meet them in this function)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))

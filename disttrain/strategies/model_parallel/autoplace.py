@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.strategies.model_parallel import cost, placement as pl
+from disttrain.strategies.model_parallel import cost
+from disttrain.strategies.model_parallel import placement as pl
 from disttrain.strategies.model_parallel.schedules import ScheduleSpec
 
 log = logging.getLogger("disttrain")

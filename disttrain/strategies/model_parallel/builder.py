@@ -15,8 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from disttrain import forward
 from disttrain.errors import ConfigError
-from disttrain.strategies.model_parallel import autoplace, placement as pl, tracing
+from disttrain.strategies.model_parallel import autoplace, tracing
+from disttrain.strategies.model_parallel import placement as pl
 from disttrain.strategies.model_parallel.options import Options
 from disttrain.strategies.model_parallel.runner import Runner
 from disttrain.strategies.model_parallel.stage_module import StageModule, narrow_optimizer
@@ -105,8 +107,8 @@ class StageBuilder:
     def _propose(self, example: tuple[Any, ...], target: Any, loss_fn: Callable | None) -> None:
         assert self.module is not None and self.skeleton is not None
         o = self.opts
-        measure = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else (
-            lambda out: out.float().mean())
+        measure = (lambda out: forward.loss_of(out, target, loss_fn)) if loss_fn is not None and target is not None else (
+            lambda out: forward.prediction_of(out).float().mean())
         self.proposal = autoplace.propose(
             self.module.root, self.module.on_meta, self.skeleton, pl.units(self.skeleton), example, measure,
             self.optimizer, o.spec, o.pipeline_size, o.stages_per_rank, o.microbatches, o.memory_cap_gb, self.device,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from disttrain import forward
 from disttrain.errors import ConfigError
 from disttrain.strategies.model_parallel import placement as pl
 from disttrain.strategies.model_parallel.options import Options
@@ -142,8 +143,8 @@ class LocalDevices:
                 saved: dict[int, int] = {}
                 t1 = time.perf_counter()
                 with torch.autograd.graph.saved_tensors_hooks(self._pack(saved, ptrs), lambda t: t):
-                    out = model(x)
-                    loss = loss_fn(out, y.to(out.device))
+                    out = forward.call(model, x, y)
+                    loss = forward.loss_of(out, y.to(forward.prediction_of(out).device), loss_fn)
                 t_f += time.perf_counter() - t1
                 part = loss.detach().double() * w
                 total = part if total is None else total + part.to(total.device)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from disttrain import forward
 from disttrain.errors import ConfigError
 from disttrain.strategies.model_parallel import checkpointing
 from disttrain.strategies.model_parallel.builder import StageBuilder
@@ -24,7 +25,11 @@ from disttrain.strategies.model_parallel.grad_sync import GradSync
 from disttrain.strategies.model_parallel.options import Options
 from disttrain.strategies.model_parallel.report import REPORT_STEP, Reporter
 from disttrain.strategies.model_parallel.stage_module import (
-    CALL_HINT, build_whole, check_optimizer_covers, meta_copy, narrow_optimizer,
+    CALL_HINT,
+    build_whole,
+    check_optimizer_covers,
+    meta_copy,
+    narrow_optimizer,
 )
 from disttrain.strategies.model_parallel.stats import Meter, StepStats
 
@@ -125,7 +130,7 @@ class Pipeline:
         sum over micro-batches is the mean loss of the whole batch (as unsplit)."""
         assert self._loss is not None
         loss_fn, total = self._loss
-        return loss_fn(output, target) * (len(target) / total)
+        return forward.loss_of(output, target, loss_fn) * (len(target) / total)
 
     def backward(self, loss: torch.Tensor) -> None:
         raise ConfigError(CALL_HINT)

@@ -13,12 +13,12 @@ from torch import nn
 
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.tree import to_plain
 from disttrain.strategies.base import Batch, LossFn, RunOptions, Strategy
 from disttrain.strategies.model_parallel import options as opts_mod
 from disttrain.strategies.model_parallel.local import LocalDevices
 from disttrain.strategies.model_parallel.pipeline import Pipeline
 from disttrain.strategies.model_parallel.role import Role
+from disttrain.tree import to_plain
 
 
 class ModelParallelStrategy(Strategy):

@@ -163,12 +163,15 @@ def _read_graph(pipe: Any, num_stages: int) -> TracedStages:
         elif node.op == "output":
             out = node.args[0]
             if isinstance(out, (tuple, list)):
-                if len(out) != 1:
+                # (logits, None): a model that returns its own loss, traced without targets
+                values = [o for o in out if o is not None]
+                if len(values) != 1:
                     raise ConfigError(
                         "the model's forward returns several values; a pipeline computes the loss on the last stage "
-                        "from one output: return one tensor (the logits)"
+                        "from one output: return one tensor (the logits), or (logits, loss) with loss None when no "
+                        "targets are given (data.loss then computes it)"
                     )
-                out = out[0]
+                out = values[0]
             output = _value(out)
             users.setdefault(output, set()).add(num_stages)
     if stage_of.get(output) != num_stages - 1:
