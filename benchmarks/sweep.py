@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from benchmarks import stats
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "disttrain" / "conf"
 # strategies that need an engine installed besides their config file
 ENGINES = {"deepspeed": "deepspeed", "horovod": "horovod.torch"}
 

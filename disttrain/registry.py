@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from disttrain.errors import ConfigError
 from disttrain.tree import to_plain  # noqa: F401  (re-exported: configs and user code import it here)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package (the checkout's conf/ links here)
 
 
 def available(group: str) -> list[str]:
