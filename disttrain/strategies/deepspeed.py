@@ -281,9 +281,6 @@ class DeepSpeedStrategy(Strategy):
             f"resume with --nproc_per_node={saved_world} (or convert it with DeepSpeed's universal checkpoint tools)",
         )
 
-    def writes_checkpoint(self) -> bool:
-        return True  # every rank writes its own ZeRO shard
-
     def checkpoint_layout(self) -> str:
         return "deepspeed"
 
