@@ -257,7 +257,7 @@ def run_external(mode: str, cfg: DictConfig, res: dict) -> None:
         res[mode] = {"status": "not available yet", "module": module}
         return
     try:
-        fn = getattr(importlib.import_module(module), "run")
+        fn = importlib.import_module(module).run
         node = cfg.get(mode)
         kwargs = OmegaConf.to_container(node, resolve=True) if node is not None else {}
         out = fn(**kwargs)

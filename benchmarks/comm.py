@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "bucket_cap_mb": args.bucket_cap_mb,
         "times": {m: slowest(v) for m, v in gtimes.items()},
     }
-    del ddp_model
+    del modes, step_ddp  # release the DDP model (its reducer holds the group) before the group ends
     if env.rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -13,5 +13,5 @@ from disttrain.session import Session, setup
 from disttrain.strategies.base import Strategy
 from disttrain.trainer import Trainer, TrainerConfig
 
-__all__ = ["setup", "Session", "Trainer", "TrainerConfig", "Strategy", "DistEnv", "ConfigError", "NonFiniteLossError"]
+__all__ = ["ConfigError", "DistEnv", "NonFiniteLossError", "Session", "Strategy", "Trainer", "TrainerConfig", "setup"]
 __version__ = "0.1.0"

@@ -272,7 +272,7 @@ def _safe_reader_class() -> type:
     return SafeReader
 
 
-def _SafeReader(path: str) -> Any:  # noqa: N802 (a class made on first use: DCP imports lazily)
+def _SafeReader(path: str) -> Any:
     return _safe_reader_class()(path)
 
 

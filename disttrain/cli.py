@@ -26,6 +26,7 @@ from disttrain.env import DistEnv, agent_store
 from disttrain.errors import ConfigError
 from disttrain.preemption import EXIT_PREEMPTED, Preempted
 from disttrain.registry import CONF_DIR, build_strategy, instantiate, to_plain
+from disttrain.strategies.base import RunOptions
 
 log = logging.getLogger("disttrain")
 
@@ -167,9 +168,10 @@ def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
     check_target(cfg, "scheduler", required=False)
     check_target(cfg, "data.loss", required=False)  # null when the model returns its own loss
     probe_optimizer(cfg)
-    strategy = build_strategy(cfg.strategy)
-    strategy.validate(env)
     trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+    strategy = build_strategy(cfg.strategy)
+    strategy.run_options = RunOptions(settings.precision, trainer_cfg.gradient_accumulation_steps, trainer_cfg.grad_clip)
+    strategy.validate(env)
     _, dp = strategy.data_shard(env)
     batch = settings.batch_size
     if batch % dp:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from torch import nn
 
-
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 

@@ -74,11 +74,11 @@ class Session:
             raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be >= 1")
         self.env = env or DistEnv.from_environ()
         self.strategy = build_strategy(strategy, **strategy_options)
+        # the one record of these options: the strategy reads them too (DeepSpeed's config)
+        self.strategy.run_options = RunOptions(precision, int(gradient_accumulation_steps), grad_clip)
         self.strategy.validate(self.env)  # before any process group: fails on every rank alike
         self.device = self.env.device(accelerator)
         self.num_threads = configure_threads(self.device, num_threads)
-        # the one record of these options: the strategy reads them too (DeepSpeed's config)
-        self.strategy.run_options = RunOptions(precision, int(gradient_accumulation_steps), grad_clip)
         if seed is not None:
             seed_everything(seed)
         self.strategy.setup(self.env, self.device, self.env.backend(self.device, backend), timeout_s)

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if addr:
         install(addr)
         os.environ.setdefault(ENV, addr)  # the workers' listeners (gloo, NCCL, Horovod) bind there too
-        if not any(a.startswith("--local-addr") or a.startswith("--local_addr") for a in argv):
+        if not any(a.startswith(("--local-addr", "--local_addr")) for a in argv):
             # the address the agent advertises to the workers (MASTER_ADDR): the bound one
             argv = [f"--local-addr={addr}", *argv]
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -3,6 +3,7 @@ loop made distributed by disttrain (`diff` the two; run it with `torchrun --npro
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
+
 import disttrain
 
 torch.manual_seed(0)

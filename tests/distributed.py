@@ -117,7 +117,7 @@ def run_torchrun(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise TimeoutError(f"torchrun did not finish in {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+        raise TimeoutError(f"torchrun did not finish in {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 

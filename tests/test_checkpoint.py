@@ -108,10 +108,10 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path, contain
 def test_trainer_refuses_malicious_resume_path(tmp_path: Path) -> None:
     """An explicit ``trainer.resume=<file>`` naming a crafted file fails with a ConfigError that
     names it and the fix; the payload never runs."""
+    from disttrain.data import synthetic_regression
     from disttrain.errors import ConfigError
     from disttrain.session import Session
     from disttrain.trainer import Trainer, TrainerConfig
-    from disttrain.data import synthetic_regression
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.distributed import run_python, run_torchrun
-from tests.test_cli import _only_run_dir
 from tests.oracle import LR, assert_same_state, sgd_reference
 from tests.oracle import regression_data as _data
 from tests.oracle import tiny_model as _model
+from tests.test_cli import _only_run_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -24,7 +24,7 @@ from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
 from disttrain.models import MLP
 from disttrain.strategies.base import Strategy
-from disttrain.strategies.model_parallel import ModelParallelStrategy, cost, schedules, schedule_order, tracing
+from disttrain.strategies.model_parallel import ModelParallelStrategy, cost, schedule_order, schedules, tracing
 from disttrain.strategies.model_parallel import placement as pl
 from disttrain.strategies.model_parallel.stage_module import narrow_optimizer
 from disttrain.timing import StepTimer

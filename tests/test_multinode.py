@@ -107,7 +107,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
         outs = [p.communicate()[0] for p in procs]
-        raise TimeoutError("torchrun did not finish:\n" + "\n----\n".join(o[-3000:] for o in outs))
+        raise TimeoutError("torchrun did not finish:\n" + "\n----\n".join(o[-3000:] for o in outs)) from None
     return outs
 
 

@@ -83,9 +83,10 @@ def test_readme_loop_unchanged_under_every_data_parallel_strategy_equals_one_pro
 def _plugin_loop(tmp: str, stop_after: int | None, resume: bool) -> list[float]:
     """A user's loop with dropout and shuffling: returns this rank's loss at every step it runs.
     ``stop_after``: save (mid-epoch) after that many steps and stop; ``resume``: load and go on."""
+    from torch.utils.data import DataLoader
+
     import disttrain
     from disttrain.data import synthetic_regression
-    from torch.utils.data import DataLoader
 
     ds = disttrain.setup(strategy="ddp", seed=0, timeout_s=60)
     torch.manual_seed(0)
@@ -131,8 +132,9 @@ def test_plugin_loop_saved_mid_epoch_resumes_bit_for_bit(tmp_path):
 
 # ------------------------------------------------------------------------ per-rank batches, clipping
 def _batch_sizes_and_clip_warning(caplog_level: int) -> dict:
-    import disttrain
     from torch.utils.data import DataLoader, TensorDataset
+
+    import disttrain
 
     _use_port(0)
     ds = disttrain.setup(strategy="ddp", batch_size_per_rank=True)

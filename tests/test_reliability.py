@@ -52,7 +52,7 @@ def _torchrun(run_dir: Path, extra=(), env=None, torchrun_args=(), timeout=200, 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise TimeoutError(f"torchrun did not finish in {timeout}s\n{out[-4000:]}")
+        raise TimeoutError(f"torchrun did not finish in {timeout}s\n{out[-4000:]}") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ and that the summary table reports exactly what the jobs wrote."""
 from __future__ import annotations
 
 import json
+
 import pytest
 import yaml
 

@@ -39,6 +39,7 @@ BAD = [
     (["accelerator=tpu"], "accelerator='tpu': expected one of 'auto', 'cpu', 'cuda'"),
     (["precision=fp8"], "precision='fp8': expected one of '32', 'bf16'"),
     (["seed=1.5"], "seed=1.5: expected an integer"),
+    (["strategy=model_parallel", "precision=bf16"], "precision=bf16: strategy=model_parallel trains in fp32"),
     (["data.metric=f1"], "data.metric='f1': expected one of"),
     (["strategy.bucket_cap_mb=big"], "strategy.bucket_cap_mb='big': expected a number"),
     (["+strategy.bucket_mb=3"], "strategy.bucket_mb is not an option of strategy: known options are"),

@@ -5,4 +5,4 @@ from disttrain.strategies.base import Strategy
 from disttrain.strategies.ddp import DDPStrategy
 from disttrain.strategies.single import SingleStrategy
 
-__all__ = ["Strategy", "SingleStrategy", "DDPStrategy"]
+__all__ = ["DDPStrategy", "SingleStrategy", "Strategy"]

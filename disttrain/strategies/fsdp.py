@@ -151,7 +151,7 @@ class FSDPStrategy(Strategy):
         group = self.mesh.get_group("replicate")
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-        return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
+        return [n for (n, _), h, low in zip(params, hi.tolist(), lo.tolist()) if h != low]
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_layout(self) -> str:

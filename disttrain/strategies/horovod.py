@@ -220,8 +220,8 @@ def _bound_rendezvous_server(address: str) -> tuple[Any, int]:
     """Horovod's HTTP rendezvous server, listening on ``address`` only (``RendezvousServer.start``
     binds every interface). Horovod 0.28.1 is its last release, so the attributes set here are
     stable; the server is otherwise used exactly as ``start`` leaves it."""
-    from horovod.runner.util.threads import in_thread
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer, RendezvousServer
+    from horovod.runner.util.threads import in_thread
 
     server = RendezvousServer()
     server._httpd = RendezvousHTTPServer((address, 0), RendezvousHandler, False)

@@ -20,4 +20,4 @@ from disttrain.strategies.model_parallel.local import schedule_order
 from disttrain.strategies.model_parallel.schedules import SCHEDULES
 from disttrain.strategies.model_parallel.strategy import ModelParallelStrategy
 
-__all__ = ["ModelParallelStrategy", "SCHEDULES", "schedule_order"]
+__all__ = ["SCHEDULES", "ModelParallelStrategy", "schedule_order"]

@@ -66,7 +66,7 @@ def profile(model: nn.Module, units: Sequence[str], args: tuple, loss: Callable[
     mods = {n: model.get_submodule(n) for n in units}
     order: list[str] = []
     fwd: dict[str, list[float]] = {n: [] for n in units}
-    act: dict[str, int] = {n: 0 for n in units}
+    act: dict[str, int] = dict.fromkeys(units, 0)
     current: list[str | None] = [None]
     params = {t.untyped_storage().data_ptr() for t in model.parameters()}
     sync = _sync_fn(next(model.parameters()).device)
@@ -156,9 +156,9 @@ def simulate(orders: dict[int, list[tuple[str, int, int]]], fwd: Sequence[float]
     gradient, so all of it in the weight pass) and saving ``act[s]`` bytes per micro-batch."""
     last = len(fwd) - 1
     done: dict[tuple[str, int, int], float] = {}
-    clock = {r: 0.0 for r in orders}
-    busy = {r: 0.0 for r in orders}
-    pos = {r: 0 for r in orders}
+    clock = dict.fromkeys(orders, 0.0)
+    busy = dict.fromkeys(orders, 0.0)
+    pos = dict.fromkeys(orders, 0)
     while any(pos[r] < len(orders[r]) for r in orders):
         progressed = False
         for r in orders:

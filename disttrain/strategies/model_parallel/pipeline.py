@@ -156,7 +156,7 @@ class Pipeline:
             with timer.phase("dp_allreduce"):
                 self.grad_sync.finish()
         busy, wall = sum(self.meter.busy.values()), time.perf_counter() - t0
-        mine = float(sum(l.detach().double() for l in losses)) if losses else None
+        mine = float(sum(loss.detach().double() for loss in losses)) if losses else None
         pending = self.stats.start(mine, busy, wall)  # the last stage's loss to every rank, during the update
         timer.add("forward", self.meter.busy["F"])
         timer.add("backward", self.meter.busy["B"] + self.meter.busy["W"])
@@ -224,7 +224,7 @@ class Pipeline:
         hi, lo = sums.clone(), sums.clone()
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.dp_group)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.dp_group)
-        return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
+        return [n for (n, _), h, low in zip(params, hi.tolist(), lo.tolist()) if h != low]
 
     def replica_key(self) -> str:
         return f"pipeline rank {self.pp_rank}" if self.builder.is_cut else ""

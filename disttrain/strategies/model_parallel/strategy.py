@@ -13,7 +13,7 @@ from torch import nn
 
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.strategies.base import Batch, LossFn, RunOptions, Strategy
+from disttrain.strategies.base import Batch, LossFn, Strategy
 from disttrain.strategies.model_parallel import options as opts_mod
 from disttrain.strategies.model_parallel.local import LocalDevices
 from disttrain.strategies.model_parallel.pipeline import Pipeline
@@ -52,6 +52,9 @@ class ModelParallelStrategy(Strategy):
 
     # ------------------------------------------------------------------ lifecycle
     def validate(self, env: DistEnv) -> None:
+        precision = self.run_options.precision
+        if precision != "32":  # run_options are set before validate: on every rank, before any process group
+            raise ConfigError(f"precision={precision}: strategy=model_parallel trains in fp32; set precision=32")
         options = opts_mod.resolve(self.raw, env.world_size)
         self.role = LocalDevices(options) if env.world_size == 1 else Pipeline(options, env.rank, env.world_size)
 
@@ -83,13 +86,8 @@ class ModelParallelStrategy(Strategy):
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         return self._r.wrap(model, optimizer)
 
-    def configure(self, options: RunOptions) -> None:
-        if options.precision != "32":  # before any process group (the Session configures, then sets up)
-            raise ConfigError(f"precision={options.precision}: strategy=model_parallel trains in fp32; set precision=32")
-        super().configure(options)
-
     def apply_precision(self, model: nn.Module, precision: str) -> nn.Module:
-        return model  # fp32 only (checked in configure)
+        return model  # fp32 only (checked in validate)
 
     def to_device(self, x: Any) -> Any:
         return self._r.to_device(x)

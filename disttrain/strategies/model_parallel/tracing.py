@@ -117,7 +117,7 @@ def trace(skeleton: nn.Module, example: tuple[Any, ...], first_modules: Sequence
         with warnings.catch_warnings():  # torch's own deprecation notices from inside export
             warnings.simplefilter("ignore", FutureWarning)
             model = copy.deepcopy(skeleton)  # pipeline() rewrites forward methods in place
-            pipe = pipeline(model, meta_args, split_spec={n: SplitPoint.BEGINNING for n in first_modules})
+            pipe = pipeline(model, meta_args, split_spec=dict.fromkeys(first_modules, SplitPoint.BEGINNING))
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(
