@@ -295,8 +295,8 @@ def _safe_planner() -> Any:
 def capture_rng() -> dict[str, Any]:
     """This process's random states (Python, NumPy, torch CPU and CUDA) in a form that
     ``weights_only`` loading accepts: tensors, ints, floats, tuples and lists only."""
-    py = random.getstate()
-    np_state = np.random.get_state()
+    py: Any = random.getstate()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "python": (py[0], list(py[1]), py[2]),
         "numpy": (str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),

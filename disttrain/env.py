@@ -123,7 +123,7 @@ class DistEnv:
             local_world_size=1,
             node_rank=int(e.get("PET_NODE_RANK", rank)),
             master_addr=e.get("MASTER_ADDR") or e.get("PET_MASTER_ADDR", "127.0.0.1"),
-            master_port=int(e.get("MASTER_PORT") or e.get("PET_MASTER_PORT", DEFAULT_PORT)),
+            master_port=int(e.get("MASTER_PORT") or e.get("PET_MASTER_PORT") or DEFAULT_PORT),
             source="pytorchjob",
         )
 

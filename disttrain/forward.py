@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ _KEYWORDS: dict[type, str | None] = {}
 def user_module(model: nn.Module) -> nn.Module:
     """The user's module inside wrappers that keep it as ``.module`` (DDP, DeepSpeed's engine)."""
     while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+        model = cast(nn.Module, model.module)
     return model
 
 
@@ -36,6 +36,7 @@ def target_keyword(model: nn.Module) -> str | None:
     inner = user_module(model)
     cls = type(inner)
     if cls not in _KEYWORDS:
+        params: Mapping[str, Any]
         try:
             params = inspect.signature(inner.forward).parameters
         except (TypeError, ValueError):

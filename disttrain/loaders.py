@@ -76,7 +76,7 @@ class ShardedLoader:
         dataset: Any = None,
     ) -> None:
         self.loader, self.sampler, self.place = loader, sampler, place
-        self._dataset = loader.dataset if dataset is None else dataset
+        self._dataset: Any = loader.dataset if dataset is None else dataset
         self.seed = seed
         self.epoch = 0
         self.skip = 0  # batches of this rank to skip at the start of the next epoch (exact resume)

@@ -42,8 +42,9 @@ class RunLogger:
 
     def __init__(self, run_dir: Path | None, enabled: bool) -> None:
         self.enabled = enabled and run_dir is not None
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.writer = None
+        # only read when enabled, which needs a run directory
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(".")
+        self.writer: Any = None
         self.evals: list[tuple[int, dict[str, float]]] = []
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter

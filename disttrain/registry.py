@@ -8,7 +8,7 @@ and the Hydra app both resolve a name through it, so a user's own strategy (a YA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,7 +62,7 @@ def build_strategy(strategy: Any, **options: Any):
     else:
         cfg = OmegaConf.create(dict(strategy) if not isinstance(strategy, DictConfig) else strategy)
     if options:
-        cfg = OmegaConf.merge(cfg, options)
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, options))
     target = cfg.get("_target_")
     if target:
         from hydra._internal.utils import _locate
@@ -73,7 +73,8 @@ def build_strategy(strategy: Any, **options: Any):
             cls = _locate(str(target))
         except Exception as exc:
             raise ConfigError(f"strategy._target_={target!r} cannot be imported ({str(exc).splitlines()[0][:200]})") from exc
-        values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not str(k).startswith("_")}
+        plain = cast(dict, OmegaConf.to_container(cfg, resolve=True))
+        values = {str(k): v for k, v in plain.items() if not str(k).startswith("_")}
         schema.check_call(cls, values, "strategy")
     obj = instantiate(cfg, "strategy")
     if not isinstance(obj, Strategy):

@@ -87,7 +87,7 @@ def expand(args: Sequence[str]) -> tuple[dict[str, str], list[list[str]]]:
         elif key in TOOL_KEYS:
             options[key] = o.get_value_element_as_str()
         else:
-            axes.append([o.input_line.strip()])
+            axes.append([(o.input_line or "").strip()])
     return options, [list(combo) for combo in itertools.product(*axes)]
 
 

@@ -39,7 +39,7 @@ def bound_listen_socket(addr: str, port: int) -> socket.socket:
 
 def install(bind_addr: str) -> None:
     """Make every ``TCPStore`` server created in this process listen on ``bind_addr`` only."""
-    base = dist.TCPStore
+    base = dist.TCPStore  # type: ignore[attr-defined]
     if getattr(base, "_disttrain_bind", None) is not None:
         return
 
@@ -61,7 +61,7 @@ def install(bind_addr: str) -> None:
     dist.TCPStore = BoundTCPStore  # type: ignore[misc]
     for module in (c10d_backend, static_backend):
         if getattr(module, "TCPStore", None) is base:
-            module.TCPStore = BoundTCPStore
+            module.TCPStore = BoundTCPStore  # type: ignore[attr-defined]
 
 
 def bind_address(argv: Sequence[str]) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -131,8 +131,8 @@ class FSDPStrategy(Strategy):
     # ------------------------------------------------------------------ one step, in parts
     def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
         # Off: gradients accumulate unsharded, with no reduce-scatter, until the last micro-step.
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(enabled)
+        if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule after fully_shard
+            cast(Any, model).set_requires_gradient_sync(enabled)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """torch's ``clip_grad_norm_`` over the DTensor gradient shards: the norm is the global
@@ -146,7 +146,7 @@ class FSDPStrategy(Strategy):
         if self.replicate_size == 1 or not dist.is_initialized():
             return []
         params = list(model.named_parameters())
-        sums = torch.stack([p.detach().to_local().double().sum() for _, p in params]).to(self.device)
+        sums = torch.stack([cast(Any, p.detach()).to_local().double().sum() for _, p in params]).to(self.device)
         hi, lo = sums.clone(), sums.clone()
         group = self.mesh.get_group("replicate")
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)

@@ -168,7 +168,7 @@ class HorovodStrategy(Strategy):
             hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self._hvd_optimizer = optimizer
         # torch's zero_grad(set_to_none=...) signature, which Horovod's override lacks
-        optimizer.zero_grad = types.MethodType(_zero_grad, optimizer)
+        optimizer.zero_grad = types.MethodType(_zero_grad, optimizer)  # type: ignore[method-assign]
         return model, optimizer
 
     # ------------------------------------------------------------------ one step
@@ -188,7 +188,7 @@ class HorovodStrategy(Strategy):
         if grad_clip:
             self.clip_grad_norm(model, grad_clip)
         if self._synchronized:
-            with optimizer.skip_synchronize():
+            with optimizer.skip_synchronize():  # type: ignore[attr-defined]  # hvd.DistributedOptimizer
                 optimizer.step()
         else:
             optimizer.step()

@@ -238,6 +238,7 @@ def partition(costs: Sequence[UnitCost], stage_ranks: Sequence[int], orders: dic
     cuts = linear_partition(times, n_stages, feasible=lambda s, a, b: mem(s, a, b) <= limit[s])
     if cuts is None:
         smallest = min(max(u.static_bytes + depth[0] * u.act_bytes for u in costs), float("inf"))
+        assert cap_bytes is not None  # no split fails only under a cap
         raise ConfigError(
             f"strategy.memory_cap_gb={cap_bytes / 2**30:.3g}: no split of the model into {n_stages} stages fits (its "
             f"largest module alone needs {smallest / 2**30:.3g} GiB with this schedule's activations in flight): raise "

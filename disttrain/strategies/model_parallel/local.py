@@ -106,7 +106,7 @@ class LocalDevices:
                 m.to(self.stage_devices[k])
                 m.register_forward_pre_hook(self._enter_hook(k), with_kwargs=True)
                 m.register_forward_hook(self._leave_hook(k))
-        model._dt_placed = True  # type: ignore[attr-defined]
+        model._dt_placed = True  # type: ignore[attr-defined,assignment]
         return model
 
     def _enter_hook(self, k: int) -> Callable:

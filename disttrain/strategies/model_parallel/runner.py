@@ -85,7 +85,7 @@ def bind(traced: nn.Module, tensors: nn.Module) -> None:
                     f"the placement and the traced forward disagree (is {name.rpartition('.')[0] or name!r} used by "
                     f"two stages?)"
                 ) from None
-            (owner._parameters if kind == "parameter" else owner._buffers)[leaf] = real
+            (owner._parameters if kind == "parameter" else owner._buffers)[leaf] = real  # type: ignore[assignment]
     for mod_name, module in traced.named_modules():
         for attr, value in vars(module).items():
             if torch.is_tensor(value) and value.is_meta and not isinstance(value, nn.Parameter):

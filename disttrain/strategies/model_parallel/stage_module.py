@@ -17,7 +17,7 @@ follows, with nothing of either silently changed.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ class StageModule(nn.Module):
     def root(self) -> nn.Module:
         """The user's whole model (until ``keep``): what ``placement: auto`` measures."""
         assert self._root is not None, "the stages are cut already"
-        return self._root
+        return cast(nn.Module, self._root)
 
     def keep(self, names: set[str], device: torch.device) -> dict[int, nn.Parameter | None]:
         """Keep only the parameters and buffers named ``names`` (allocating them on ``device``
@@ -96,7 +96,7 @@ class StageModule(nn.Module):
         return replaced
 
     def _materialise(self, names: set[str], device: torch.device, replaced: dict[int, nn.Parameter | None]) -> None:
-        init = user_init(self._root) if self._root is not None else None
+        init = user_init(cast(nn.Module, self._root)) if self._root is not None else None
         assert init is not None, "build_whole builds on meta only for models with their own initialiser"
         for mod_name, module in self.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
@@ -115,11 +115,12 @@ class StageModule(nn.Module):
 
     def _sync_root(self) -> None:
         """Root-level tensors replaced here must be replaced on the user's root object too."""
-        assert self._root is not None
+        root = cast(nn.Module, self._root)
+        assert root is not None
         for name, p in self._parameters.items():
-            self._root._parameters[name] = p
+            root._parameters[name] = p
         for name, b in self._buffers.items():
-            self._root._buffers[name] = b
+            root._buffers[name] = b
 
 
 def _holds_tensors(module: nn.Module) -> bool:
