@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -168,7 +168,7 @@ def validate(cfg: DictConfig, env: DistEnv, run_dir: Path | None = None):
     check_target(cfg, "scheduler", required=False)
     check_target(cfg, "data.loss", required=False)  # null when the model returns its own loss
     probe_optimizer(cfg)
-    trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+    trainer_cfg = TrainerConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.trainer, resolve=True)))
     strategy = build_strategy(cfg.strategy)
     strategy.run_options = RunOptions(settings.precision, trainer_cfg.gradient_accumulation_steps, trainer_cfg.grad_clip)
     strategy.validate(env)

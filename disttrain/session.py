@@ -134,10 +134,11 @@ class Session:
                 f"prepare() takes at most one model and one optimizer per call, got {len(models)} and "
                 f"{len(optims)}: call prepare() once per model/optimizer pair"
             )
-        model, optimizer = (models or [None])[0], (optims or [None])[0]
+        model: nn.Module | None = models[0] if models else None
+        optimizer: torch.optim.Optimizer | None = optims[0] if optims else None
         if model is not None:
             model, optimizer = self.prepare_model(model, optimizer)
-        out = []
+        out: list[Any] = []
         for o in objects:
             if isinstance(o, nn.Module):
                 out.append(model)
@@ -227,7 +228,7 @@ class Session:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         micro_batches: list,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss_fn: Callable[..., torch.Tensor] | None,
     ) -> torch.Tensor:
         """One whole optimizer step, owned by the strategy: the Trainer's path, and the plug-in
         face's for strategies that run forward and backward together (pipelines):
@@ -455,7 +456,7 @@ class _SessionOptimizer(torch.optim.Optimizer):
     accumulation cycle (with clipping), ``zero_grad()`` only between cycles. Everything else
     (param_groups, state, state_dict) is the wrapped optimizer's, so LR schedulers work."""
 
-    def __init__(self, session: Session, optimizer: torch.optim.Optimizer) -> None:  # noqa: D401
+    def __init__(self, session: Session, optimizer: torch.optim.Optimizer) -> None:
         # Deliberately not calling Optimizer.__init__: this object owns no parameters.
         self.session, self.inner = session, optimizer
 

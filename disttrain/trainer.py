@@ -4,7 +4,6 @@ Session (and so a Strategy) call, and nothing here asks which strategy or role t
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -14,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sized, cast
 
 import torch
 from torch import nn
@@ -103,7 +102,7 @@ class Trainer:
         session: Session,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[..., torch.Tensor],
+        loss_fn: Callable[..., torch.Tensor] | None,
         train_data: Dataset,
         batch_size: int,
         config: TrainerConfig = TrainerConfig(),
@@ -126,7 +125,8 @@ class Trainer:
         # before any collective of the strategy's own: a rank with another model or config
         # stops every rank here with the differing entry named, instead of hanging later
         session.verify_same_job(model, hparams)
-        self.model, self.optimizer = session.prepare_model(model, optimizer)
+        self.model, prepared = session.prepare_model(model, optimizer)
+        self.optimizer: torch.optim.Optimizer = cast(torch.optim.Optimizer, prepared)  # given one, every strategy returns one
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
         if self.scheduler is not None:
             session.register_for_checkpointing(self.scheduler)
@@ -174,7 +174,7 @@ class Trainer:
         if self.eval_data is None:
             return {}
         index, count = self.s.eval_shard
-        part = Subset(self.eval_data, range(index, len(self.eval_data), count))  # no padding
+        part = Subset(self.eval_data, range(index, len(cast(Sized, self.eval_data)), count))  # no padding
         loader = DataLoader(part, batch_size=max(self.batch_size // count, 1))
         # Every rank runs as many forwards as the rank with the most batches (the others add empty
         # ones): a forward that communicates (fsdp gathers parameters) would otherwise wait forever.
@@ -347,11 +347,11 @@ class Trainer:
         restore the model and optimizer, so the pre-flight leaves no trace on the real run."""
         snapshot = self.s.snapshot()
         batch = next(iter(self.train_loader.loader))
-        first = last = None
-        for _ in range(self.cfg.preflight_steps):
-            loss = self.s.reduce(self.s.train_step(self.model, self.optimizer, [batch], self.loss_fn), "mean").item()
-            first = loss if first is None else first
-            last = loss
+        losses = [
+            self.s.reduce(self.s.train_step(self.model, self.optimizer, [batch], self.loss_fn), "mean").item()
+            for _ in range(self.cfg.preflight_steps)
+        ]
+        first, last = losses[0], losses[-1]
         self.s.timer.step.clear()
         self.s.restore(snapshot)
         log.info("pre-flight: loss on one batch %.4f -> %.4f in %d steps", first, last, self.cfg.preflight_steps)

@@ -14,9 +14,9 @@ from tests.distributed import ROOT, run_torchrun
 def test_adapting_the_plain_loop_changes_at_most_five_lines():
     plain = (ROOT / "examples" / "plain_loop.py").read_text().splitlines()
     adapted = (ROOT / "examples" / "adapted_loop.py").read_text().splitlines()
-    diff = [l for l in difflib.unified_diff(plain, adapted, lineterm="", n=0) if l[:3] not in ("---", "+++")]
-    added = [l for l in diff if l.startswith("+")]
-    removed = [l for l in diff if l.startswith("-")]
+    diff = [line for line in difflib.unified_diff(plain, adapted, lineterm="", n=0) if line[:3] not in ("---", "+++")]
+    added = [line for line in diff if line.startswith("+")]
+    removed = [line for line in diff if line.startswith("-")]
     assert len(added) <= 5 and len(removed) <= len(added), diff
     readme = (ROOT / "README.md").read_text()
     for line in added + removed:  # the README shows this very diff

@@ -8,9 +8,8 @@ whole loop (``run``: a parameter server's server ranks serve instead of training
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -225,7 +224,7 @@ class Strategy:
             return []
         sums = torch.stack([p.detach().double().sum() for _, p in params]).to(self.device)
         hi, lo = self.reduce(sums, "max"), self.reduce(sums, "min")
-        return [n for (n, _), h, l in zip(params, hi.tolist(), lo.tolist()) if h != l]
+        return [n for (n, _), high, low in zip(params, hi.tolist(), lo.tolist()) if high != low]
 
     # ------------------------------------------------------------------ checkpoints
     # A checkpoint must let a restarted job continue exactly. The Session (``disttrain.state``)

@@ -8,7 +8,6 @@ gathered batch (tests/test_ddp_oracle.py).
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +60,7 @@ class DDPStrategy(Strategy):
         if self.env is None or not self.env.is_distributed:
             return model, optimizer  # one process: nothing to synchronise
         ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, **self.options)
+        ddp = DistributedDataParallel(model, device_ids=ids, **self.options)  # type: ignore[arg-type]  # checked in validate
         if self.compression != "none":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -78,7 +77,7 @@ class DDPStrategy(Strategy):
             ddp = ref()
             if ddp is not None and hasattr(ddp, "reducer"):
                 del ddp.reducer
-                ddp.process_group = None
+                ddp.process_group = None  # type: ignore[assignment]
         self._wrapped.clear()
 
     def unwrap(self, model: nn.Module) -> nn.Module:

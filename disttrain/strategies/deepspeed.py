@@ -27,8 +27,8 @@ from torch import nn
 from disttrain import checkpoint as ckpt
 from disttrain.env import DistEnv
 from disttrain.errors import ConfigError
-from disttrain.tree import map_tensors, to_plain
 from disttrain.strategies.base import Strategy, require
+from disttrain.tree import map_tensors, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ class DeepSpeedStrategy(Strategy):
         # (not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch)
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
-        build = ds_torch_comm.build_shm_op
-        ds_torch_comm.build_shm_op = lambda: None
+        build = ds_torch_comm.build_shm_op  # type: ignore[attr-defined]
+        ds_torch_comm.build_shm_op = lambda: None  # type: ignore[attr-defined]
         try:
             self._ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         finally:
-            ds_torch_comm.build_shm_op = build
+            ds_torch_comm.build_shm_op = build  # type: ignore[attr-defined]
 
     def teardown(self) -> None:
         if self._unwatch_clipping is not None:
@@ -205,13 +205,13 @@ class DeepSpeedStrategy(Strategy):
         return model
 
     # ------------------------------------------------------------------ one step, in parts
-    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+    def set_grad_sync(self, model: Any, enabled: bool) -> None:
         # DeepSpeed reduces gradients (and ZeRO partitions them) at the accumulation boundary.
         self._sync_next = enabled
         if hasattr(model, "set_gradient_accumulation_boundary"):
             model.set_gradient_accumulation_boundary(enabled)
 
-    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+    def backward(self, loss: torch.Tensor, model: Any) -> None:
         # The Session (and train_step) already divided the loss by the accumulation steps.
         model.backward(loss, scale_wrt_gas=False)
 
@@ -221,7 +221,7 @@ class DeepSpeedStrategy(Strategy):
             "calling clip_grad_norm_ yourself"
         )
 
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    def optimizer_step(self, model: Any, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         """``engine.step()``: reduce/partition gradients, clip (``gradient_clipping`` is the
         Session's grad_clip), step the optimizer, zero the gradients. Called only at the end of
         an accumulation cycle, but the plug-in face may already have announced the next
@@ -284,7 +284,7 @@ class DeepSpeedStrategy(Strategy):
     def checkpoint_layout(self) -> str:
         return "deepspeed"
 
-    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict | None:
+    def save_checkpoint(self, model: Any, optimizer: torch.optim.Optimizer | None, path: Path) -> dict | None:
         """DeepSpeed's ``save_checkpoint`` into ``checkpoint.shards_dir(path)`` on every rank; once
         every shard is written, rank 0 returns the manifest (the Session writes it atomically and
         advances ``latest``): the pointer never names a partial checkpoint."""
@@ -296,7 +296,7 @@ class DeepSpeedStrategy(Strategy):
         return None
 
     def load_checkpoint(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path, manifest: dict
+        self, model: Any, optimizer: torch.optim.Optimizer | None, path: Path, manifest: dict
     ) -> None:
         """DeepSpeed's ``load_checkpoint``, with every ``torch.load`` it makes restricted to
         ``weights_only=True`` (DeepSpeed itself passes ``weights_only=False``, which would run
