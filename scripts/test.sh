@@ -7,4 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh" dev,deepspeed
 bash "$ROOT/scripts/install_horovod.sh"
 cd "$ROOT"
+# lint and types first (seconds): configured in pyproject.toml; see docs/architecture.md
+ruff check .
+mypy
 exec python -m pytest "$@"
