@@ -12,14 +12,13 @@ dtypes, no storage) and counts
 
 :class:`MemoryWatch` compares an estimate with what a real run measures after its first steps:
 the bytes the allocator holds (CUDA: ``memory_allocated``/``max_memory_allocated``; CPU: glibc's
-``mallinfo2``) and, on CPU, the growth of the process's peak resident set.
+``mallinfo2``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import resource
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -109,11 +108,12 @@ class RankEstimate:
     optimizer: float
     activations: float
     in_flight: int = 1
+    buffers: float = 0.0  # what the engine allocates beside the model states (communication buckets)
     note: str = ""
 
     @property
     def states(self) -> float:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.grads + self.optimizer + self.buffers
 
     @property
     def total(self) -> float:
@@ -130,13 +130,14 @@ def for_rank(rows: list[RankEstimate], rank: int) -> RankEstimate | None:
 
 def table(rows: list[RankEstimate]) -> str:
     """The estimate as a text table, in MiB."""
-    head = f"{'role':<22} {'ranks':<8} {'params':>10} {'grads':>10} {'optimizer':>10} {'act/micro':>10} {'in flight':>9} {'total':>10}"
+    head = (f"{'role':<22} {'ranks':<8} {'params':>10} {'grads':>10} {'optimizer':>10} {'buffers':>10} {'act/micro':>10} "
+            f"{'in flight':>9} {'total':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         span = f"{r.ranks[0]}" if r.ranks[0] == r.ranks[1] else f"{r.ranks[0]}-{r.ranks[1]}"
         lines.append(f"{r.role:<22} {span:<8} {r.params / MiB:>10.3f} {r.grads / MiB:>10.3f} {r.optimizer / MiB:>10.3f} "
-                     f"{r.activations / MiB:>10.3f} {r.in_flight:>9d} {r.total / MiB:>10.3f}" + (f"  {r.note}" if r.note else ""))
-    return "\n".join(lines) + "\n(MiB per rank; total = params + grads + optimizer + activations x in flight)"
+                     f"{r.buffers / MiB:>10.3f} {r.activations / MiB:>10.3f} {r.in_flight:>9d} {r.total / MiB:>10.3f}" + (f"  {r.note}" if r.note else ""))
+    return "\n".join(lines) + "\n(MiB per rank; total = params + grads + optimizer + buffers + activations x in flight)"
 
 
 # ---------------------------------------------------------------------- measured
@@ -159,40 +160,63 @@ def allocated_bytes(device: torch.device) -> int:
         return 0
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class MemoryWatch:
-    """Made before the model is built (records the baseline); after ``at_step`` optimizer steps
-    logs measured vs estimated bytes for this rank, once. On CUDA the peak is
-    ``max_memory_allocated`` (reset at the baseline); on CPU the model states are the allocator's
-    growth and the peak the growth of the process's peak RSS (coarse: it includes the loader)."""
+    """Made before the model is built (records the allocator's baseline); measures step
+    ``at_step`` of the real run and logs measured vs estimated bytes for this rank, once:
+
+    * model states: the allocator's growth since the baseline after that step (parameters,
+      gradients, optimizer state, and whatever the engine keeps with them: buckets, flat copies);
+    * activations: the allocator's growth across that step's first forward (hooks on the model,
+      ``attach``), i.e. what the forward and its loss keep for backward;
+    * peak: on CUDA ``max_memory_allocated`` since the baseline; on CPU states + activations.
+    """
 
     def __init__(self, estimate: RankEstimate, device: torch.device, at_step: int = 2) -> None:
         self.estimate, self.device, self.at_step = estimate, device, at_step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.base = allocated_bytes(device)
-        self.base_rss = peak_rss_bytes()
         self.measured: dict[str, Any] = {}
+        self._armed = at_step == 1
+        self._fwd: list[int] = []
+
+    def attach(self, model: nn.Module) -> None:
+        """Hooks around ``model``'s forward that measure the forward of step ``at_step``."""
+        def pre(*_: Any) -> None:
+            if self._armed and not self._fwd:
+                self._fwd.append(allocated_bytes(self.device))
+
+        def post(*_: Any) -> None:
+            if self._armed and len(self._fwd) == 1:
+                self._fwd.append(allocated_bytes(self.device))
+                self._armed = False
+
+        model.register_forward_pre_hook(pre)
+        model.register_forward_hook(post)
 
     def observe(self, step: int) -> None:
+        """Called after every optimizer step (``step`` counts from 1)."""
+        self._armed = self._armed or step == self.at_step - 1
         if step != self.at_step or self.measured:
             return
         states = allocated_bytes(self.device) - self.base
+        acts: float = self._fwd[1] - self._fwd[0] if len(self._fwd) == 2 else float("nan")
+        peak: float
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            peak = peak_rss_bytes() - self.base_rss
+            peak = states + acts
         e = self.estimate
-        self.measured = {"step": step, "states_bytes": states, "peak_bytes": peak, "estimated_states_bytes": e.states,
-                         "estimated_peak_bytes": e.total, "states_error": states / e.states - 1 if e.states else float("nan"),
-                         "peak_error": peak / e.total - 1 if e.total else float("nan")}
-        log.info("memory after step %d (%s): model states measured %.2f MiB vs estimated %.2f MiB (%+.1f%%); peak "
-                 "measured %.2f MiB vs estimated %.2f MiB (%+.1f%%)", step, e.role, states / MiB, e.states / MiB,
-                 100 * self.measured["states_error"], peak / MiB, e.total / MiB, 100 * self.measured["peak_error"])
+        err = lambda m, x: m / x - 1 if x else float("nan")  # noqa: E731
+        self.measured = {"step": step, "states_bytes": states, "activations_bytes": acts, "peak_bytes": peak,
+                         "estimated_states_bytes": e.states, "estimated_activations_bytes": e.activations * e.in_flight,
+                         "estimated_peak_bytes": e.total, "states_error": err(states, e.states),
+                         "activations_error": err(acts, e.activations * e.in_flight), "peak_error": err(peak, e.total)}
+        m = self.measured
+        log.info("memory at step %d (%s): model states measured %.2f MiB vs estimated %.2f MiB (%+.1f%%); activations "
+                 "%.2f vs %.2f MiB (%+.1f%%); peak %.2f vs %.2f MiB (%+.1f%%)", step, e.role, states / MiB, e.states / MiB,
+                 100 * m["states_error"], acts / MiB, e.activations * e.in_flight / MiB, 100 * m["activations_error"],
+                 peak / MiB, e.total / MiB, 100 * m["peak_error"])
 
     def summary(self) -> dict[str, Any]:
         return {"memory": dict(self.measured)} if self.measured else {}

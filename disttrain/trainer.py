@@ -148,7 +148,9 @@ class Trainer:
         self.stop = session.stop_request() if config.save_on_preempt else None
         self.preempted = False
         self.data_check = DataWaitCheck(config.data_wait_warn_fraction, rank=session.rank)
-        self.memory_watch = memory_watch  # disttrain.estimate.MemoryWatch: measured vs estimated memory
+        self.memory_watch = memory_watch  # disttrain.footprint.MemoryWatch: measured vs estimated memory
+        if memory_watch is not None:
+            memory_watch.attach(self.model)
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:

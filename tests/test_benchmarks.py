@@ -306,3 +306,21 @@ def test_memory_mode_arithmetic():
     assert t["ms_plain"] == pytest.approx(100.0) and t["ms_ac"] == pytest.approx(150.0)
     md = memory.markdown({"rows": [], "params": 1, "model": {"per_rank_batch": 4}, "ac_trade": [t]})
     assert "| 32 | 4.0 | 1.0 | 0.25 | 100 | 150 | 1.30 [" in md
+
+
+@pytest.mark.timeout(120)
+def test_loader_candidates_on_a_runs_dataset():
+    """``python -m benchmarks.loader <overrides>``: the run's own dataset (here one that sleeps 4 ms
+    per sample, by construction) against each candidate fix. Two worker processes sleep side by
+    side, so they read it well over 1.3x faster (a gross, construction-based fact); fixes that do
+    not apply say why."""
+    from benchmarks import loader
+
+    res = loader.run_dataset(["data=synthetic", "data.dataset._target_=tests.slow_data.slow_regression",
+                              "+data.dataset.delay_s=0.004", "data.batch_size=16"], nproc=2, batches=3, rounds=1)
+    assert res["dataset"] == "SlowDataset" and res["batch_per_rank"] == 8
+    rows = {r["candidate"]: r for r in res["rows"]}
+    assert rows["num_workers=2"]["speedup_median"] > 1.3, rows
+    assert "TensorDataset" in rows["batch gather"]["skipped"]
+    md = loader.markdown_dataset(res)
+    assert "| num_workers=2 |" in md and "not tried:" in md
