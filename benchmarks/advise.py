@@ -150,8 +150,9 @@ def run(overrides: Sequence[str], nproc: int = 2, steps: int = 12, warmup: int =
     return {
         "overrides": list(overrides), "nproc": nproc, "probe_steps": n, "target_steps": target_steps,
         "own_ms_median": [statistics.median(r) * 1e3 for r in own], "comm_ms": comm * 1e3,
+        "own_ms": [[round(x * 1e3, 3) for x in r] for r in own],
         "ddp_step_ms_measured": statistics.median(measured) * 1e3,
-        "ddp_step_ms_predicted": ddp_time(own, comm, n) / n * 1e3,
+        "ddp_step_ms_predicted": statistics.median(max(r[k] for r in own) + comm for k in range(n)) * 1e3,
         "penalty": {("null" if k is None else str(k)): v for k, v in pen.items()},
         "predicted_s": pred, "recommendation": recommend(pred),
     }
@@ -162,7 +163,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"probe: {res['nproc']} ranks under ddp, {res['probe_steps']} measured steps; own step time per rank (ms, median): "
         + ", ".join(f"{x:.1f}" for x in res["own_ms_median"]) + f"; communication {res['comm_ms']:.1f} ms/step; ddp "
-        f"step measured {res['ddp_step_ms_measured']:.1f} ms, modelled {res['ddp_step_ms_predicted']:.1f} ms",
+        f"step (median) measured {res['ddp_step_ms_measured']:.1f} ms, modelled {res['ddp_step_ms_predicted']:.1f} ms",
         f"predicted time for {res['target_steps']} global steps (x samples-to-target penalty):", "",
         "| setting | penalty | predicted s | vs ddp |", "|---|---|---|---|",
     ]
