@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                                         device_ids=[device.index] if device.type == "cuda" else None,
                                         gradient_as_bucket_view=True)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
+        sampler: DistributedSampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
         it = _cycle(DataLoader(data, batch_size=args.batch // world, sampler=sampler, drop_last=True))
 
         def step() -> float:
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def ours() -> Callable[[], float]:
         torch.manual_seed(0)
-        model = MLP(args.in_features, args.hidden, 1, args.depth)
-        model, opt = session.prepare_model(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        plain = MLP(args.in_features, args.hidden, 1, args.depth)
+        model, opt = session.prepare_model(plain, torch.optim.Adam(plain.parameters(), lr=1e-3))
+        assert opt is not None
         it = _cycle(session.prepare_loader(DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True)))
 
         def step() -> float:
