@@ -134,7 +134,7 @@ def run_overhead(cfg: DictConfig, work: Path, res: dict) -> None:
     out = work / "overhead" / "pairs.json"
     args = [str(sweep.ROOT / "benchmarks" / "overhead_pair.py"), "--out", str(out), "--in-features", str(spec.in_features),
             "--hidden", str(spec.hidden), "--depth", str(spec.depth), "--batch", str(spec.per_rank_batch * world),
-            "--rounds", str(int(o.rounds)), "--warmup", str(int(cfg.warmup))]
+            "--rounds", str(int(o.rounds)), "--warmup", str(int(cfg.warmup)), *(["--loaders"] if o.get("loaders") else [])]
     log.info("overhead: raw DDP x2 and disttrain ddp in one job, N=%d, %d alternated rounds", world, int(o.rounds))
     rc, tail = sweep.torchrun(args, world, work / "overhead" / "launch.log", float(cfg.timeout_s))
     if rc != 0 or not out.is_file():
@@ -155,7 +155,8 @@ def overhead_summary(pairs: dict[str, Any]) -> dict[str, Any]:
                   "aa = median over rounds of A2/A1 (noise floor)",
         "ratio_b_over_a": pairs["ratio_b_over_a"], "ratio_a_over_a": pairs["ratio_a_over_a"],
         "ratio": stats.quantiles(pairs["ratio_b_over_a"]), "aa": stats.quantiles(pairs["ratio_a_over_a"]),
-        "step_ms": pairs["median_step_ms"], "rounds": pairs["rounds"], "target": 1.03, "failed": [],
+        "step_ms": pairs["median_step_ms"], "rounds": pairs["rounds"], "loaders": pairs.get("loaders", False),
+        "target": 1.03, "failed": [],
     }
 
 

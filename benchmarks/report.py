@@ -238,7 +238,8 @@ def overhead_text(o: dict[str, Any]) -> str:
     return (
         f"disttrain ddp / raw torch DDP in the same processes, N={o['world_size']}, model {o['model']} "
         f"({o['params']} params, per-rank batch {o['per_rank_batch']}), {o['rounds']} rounds of one step each, "
-        f"order alternating (A1 B A2, A2 B A1):\n\n"
+        f"order alternating (A1 B A2, A2 B A1), "
+        f"{'each through its own loader' if o.get('loaders') else 'the same batches'}:\n\n"
         f"| comparison | median of per-round ratios | p10 | p90 | rounds |\n|---|---|---|---|---|\n"
         f"| disttrain ddp / raw DDP (B/A1) | {_f(r['median'], '{:.3f}')} | {_f(r['p10'], '{:.3f}')} | {_f(r['p90'], '{:.3f}')} | {r['n']} |\n"
         f"| raw DDP / raw DDP (A2/A1, noise floor) | {_f(aa['median'], '{:.3f}')} | {_f(aa['p10'], '{:.3f}')} | {_f(aa['p90'], '{:.3f}')} | {aa['n']} |\n\n"
