@@ -13,6 +13,7 @@ from torch import nn
 
 from disttrain import estimate, footprint
 from disttrain.bottleneck import DataWaitCheck
+from disttrain.errors import ConfigError
 from tests.distributed import run_python, run_torchrun
 
 # MLP(8 -> 16 -> 1), the model of every test here: 8*16 + 16 + 16*1 + 1 = 161 float32 parameters
@@ -73,22 +74,21 @@ SMALL = ["data=synthetic", "model=mlp", "model.hidden=16", "model.depth=1", "opt
 
 
 @pytest.mark.timeout(120)
-def test_estimate_command_and_estimate_only(tmp_path):
-    """``python -m disttrain.estimate`` and ``trainer.estimate_only=true`` print the same table,
-    with the hand figures; nothing trains."""
-    res = run_python(["-m", "disttrain.estimate", "--world-size", "4", "strategy=fsdp", "data.batch_size=32", *SMALL],
-                     cwd=tmp_path, timeout=100)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    row = next(line for line in res.stdout.splitlines() if line.startswith("fsdp (1/4 shards)"))
-    mib = [float(x) for x in row.split()[4:11]]  # params grads optimizer buffers act in_flight total
-    assert mib[0] * 2**20 == pytest.approx(P / 4, abs=1e-3 * 2**20 / 2)
-    assert mib[6] * 2**20 == pytest.approx((2 * P + ADAM) / 4 + act_bytes(8), abs=1e-3 * 2**20 / 2)
+def test_estimate_command_and_estimate_only(tmp_path, capsys):
+    """``python -m disttrain.estimate`` composes the run's config (in-process here) and gives the
+    hand figures, refusing a bad config as the run would; ``trainer.estimate_only=true`` prints
+    the same table from the app (a subprocess) and trains nothing."""
+    rows, text = estimate.run(["strategy=fsdp", "data.batch_size=32", *SMALL], world_size=4)
+    (fsdp,) = rows
+    assert (fsdp.params, fsdp.grads, fsdp.optimizer, fsdp.activations) == (P / 4, P / 4, ADAM / 4, act_bytes(8))
+    assert fsdp.total == (2 * P + ADAM) / 4 + act_bytes(8) and "fsdp (1/4 shards)" in text
+    with pytest.raises(ConfigError, match="data.batch_size=32 is not divisible"):
+        estimate.run(["strategy=ddp", "data.batch_size=32", *SMALL], world_size=3)
+    estimate.main(["--world-size", "2", "strategy=deepspeed", "strategy.zero_stage=2", "data.batch_size=32", *SMALL])
+    assert "deepspeed ZeRO-2" in capsys.readouterr().out
     res = run_python(["-m", "disttrain", "strategy=single", "trainer.estimate_only=true", *SMALL], cwd=tmp_path, timeout=100)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "memory estimate: strategy=single" in res.stdout and not list(tmp_path.glob("outputs/*/summary.json"))
-    bad = run_python(["-m", "disttrain.estimate", "--world-size", "3", "strategy=ddp", "data.batch_size=32", *SMALL],
-                     cwd=tmp_path, timeout=100)
-    assert bad.returncode == 2 and "data.batch_size=32 is not divisible" in bad.stderr
 
 
 def test_data_wait_check_by_hand():
