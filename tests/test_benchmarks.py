@@ -320,7 +320,7 @@ def test_loader_candidates_on_a_runs_dataset():
     from benchmarks import loader
 
     res = loader.run_dataset(["data=synthetic", "data.dataset._target_=tests.slow_data.slow_regression",
-                              "+data.dataset.delay_s=0.004", "data.batch_size=16"], nproc=2, batches=3, rounds=1)
+                              "+data.dataset.delay_s=0.004", "data.batch_size=16"], nproc=2, batches=8, rounds=1)
     assert res["dataset"] == "SlowDataset" and res["batch_per_rank"] == 8
     rows = {r["candidate"]: r for r in res["rows"]}
     assert rows["num_workers=2"]["speedup_median"] > 1.3, rows
