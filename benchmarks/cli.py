@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -124,51 +125,38 @@ def _baseline(rows: list[dict], model: str, strategy: str) -> float | None:
 
 
 def run_overhead(cfg: DictConfig, work: Path, res: dict) -> None:
-    """A B A B ... A: raw torch DDP (A) and disttrain ddp (B), same model, data and batch. Each
-    B is compared with the mean of the two A launches around it; each pair of neighbouring A
-    launches is the A/A control (the noise floor)."""
+    """One torchrun job (benchmarks/overhead_pair.py): raw torch DDP replicas A1, A2 and a
+    disttrain ddp replica B of the same model in the same processes, one step of each per round
+    in alternating order; the median of the per-round ratios B/A1 and A2/A1 (the noise floor)."""
     o = cfg.overhead
     spec = sweep.model_spec(o.model, cfg.models[o.model])
-    world = _gpu_cap(cfg, [int(o.world_size)], res["skipped"], "overhead") or [1]
-    world = world[0]
-    target = sweep.strategy_status(["ddp"])["ddp"]["target"]
-    a: list[sweep.Point] = []
-    b: list[sweep.Point] = []
-    steps, warm, t = int(cfg.steps), int(cfg.warmup), float(cfg.timeout_s)
-    for i in range(int(o.rounds) + 1):
-        log.info("overhead: round %d A (raw torch DDP), N=%d", i, world)
-        a.append(sweep.run_raw(spec, world, steps, warm, work, f"overhead/a{i}", t))
-        _log_point(a[-1])
-        if i < int(o.rounds):
-            log.info("overhead: round %d B (disttrain ddp), N=%d", i, world)
-            p = sweep.run_disttrain(spec, "ddp", target, world, steps, warm, work, f"overhead/b{i}", t,
-                                    probe_comm=False, accelerator=cfg.accelerator, kind="overhead")
-            b.append(p)
-            _log_point(p)
-    res["overhead"] = overhead_summary(a, b)
+    world = (_gpu_cap(cfg, [int(o.world_size)], res["skipped"], "overhead") or [1])[0]
+    out = work / "overhead" / "pairs.json"
+    args = [str(sweep.ROOT / "benchmarks" / "overhead_pair.py"), "--out", str(out), "--in-features", str(spec.in_features),
+            "--hidden", str(spec.hidden), "--depth", str(spec.depth), "--batch", str(spec.per_rank_batch * world),
+            "--rounds", str(int(o.rounds)), "--warmup", str(int(cfg.warmup)), *(["--loaders"] if o.get("loaders") else [])]
+    log.info("overhead: raw DDP x2 and disttrain ddp in one job, N=%d, %d alternated rounds", world, int(o.rounds))
+    rc, tail = sweep.torchrun(args, world, work / "overhead" / "launch.log", float(cfg.timeout_s))
+    if rc != 0 or not out.is_file():
+        res["overhead"] = {"failed": [f"exit {rc}: " + sweep._last_error(tail)], "world_size": world, "model": spec.name}
+        log.warning("overhead failed: %s", res["overhead"]["failed"][0])
+        return
+    res["overhead"] = overhead_summary(json.loads(out.read_text()))
     res["overhead"].update(model=spec.name, params=spec.params, world_size=world, per_rank_batch=spec.per_rank_batch)
+    log.info("  -> disttrain/raw %.3f (A/A %.3f), median of %d per-round ratios",
+             res["overhead"]["ratio"]["median"], res["overhead"]["aa"]["median"], res["overhead"]["ratio"]["n"])
 
 
-def overhead_summary(a: list[sweep.Point], b: list[sweep.Point]) -> dict[str, Any]:
-    """Ratios of median step times: B_i / mean(A_i, A_i+1) and A_i+1 / A_i (A/A control)."""
-    med = lambda p: p.step_ms["median"] if p.status == "ok" and p.step_ms else math.nan  # noqa: E731
-    ab, aa = [], []
-    for i, p in enumerate(b):
-        ref = (med(a[i]) + med(a[i + 1])) / 2 if i + 1 < len(a) else med(a[i])
-        ab.append(med(p) / ref)
-    for x, y in zip(a, a[1:]):
-        aa.append(med(y) / med(x))
-    ab_ok = [r for r in ab if math.isfinite(r)]
-    aa_ok = [r for r in aa if math.isfinite(r)]
+def overhead_summary(pairs: dict[str, Any]) -> dict[str, Any]:
+    """Quantiles of the per-round ratios B/A1 (disttrain over raw) and A2/A1 (raw over raw)."""
     return {
-        "method": "median step time per launch (warm-up excluded); launches alternate A B A B ... A; "
-                  "ratio_b_over_a[i] = B_i / mean(A_i, A_i+1); ratio_a_over_a[i] = A_i+1 / A_i",
-        "a_step_ms": [med(p) for p in a], "b_step_ms": [med(p) for p in b],
-        "ratio_b_over_a": ab, "ratio_a_over_a": aa,
-        "ratio": stats.quantiles(ab_ok), "aa": stats.quantiles(aa_ok),
-        "target": 1.03,
-        "failed": [p.error for p in a + b if p.status != "ok"],
-        "launches": [p.as_dict() for p in a + b],
+        "method": "one job; per round one step each of raw DDP A1, disttrain ddp B and raw DDP A2 in the same "
+                  "processes, order A1 B A2 / A2 B A1 alternating; ratio = median over rounds of B/A1, "
+                  "aa = median over rounds of A2/A1 (noise floor)",
+        "ratio_b_over_a": pairs["ratio_b_over_a"], "ratio_a_over_a": pairs["ratio_a_over_a"],
+        "ratio": stats.quantiles(pairs["ratio_b_over_a"]), "aa": stats.quantiles(pairs["ratio_a_over_a"]),
+        "step_ms": pairs["median_step_ms"], "rounds": pairs["rounds"], "loaders": pairs.get("loaders", False),
+        "target": 1.03, "failed": [],
     }
 
 

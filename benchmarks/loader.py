@@ -10,6 +10,13 @@ spread. One torch thread, CPU only: the host-side cost a GPU step waits for.
 
 ``python -m benchmarks.loader`` writes benchmarks/results/loader.json and .md;
 ``run(**kwargs) -> dict`` is the same from Python.
+
+``python -m benchmarks.loader [--nproc N] <a run's overrides>`` (any argument with ``=``) instead
+tries the candidate fixes for a data-loading bottleneck on *that run's* training dataset
+(``data=...``, built as the run builds it) at its per-rank batch: worker processes, pinned memory,
+a deeper prefetch, and one gather per batch (``__getitems__``: TensorDatasets and datasets that
+define it). Each candidate is timed against the loader as configured, alternated in every round;
+its speedup is the median over rounds of baseline / candidate ms per batch.
 """
 
 from __future__ import annotations
@@ -107,7 +114,89 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------- a run's own dataset
+def _candidates(dataset: Any, batch: int, workers: int, cuda: bool) -> dict[str, dict[str, Any] | str]:
+    """DataLoader options of each candidate, or why it does not apply."""
+    from torch.utils.data import TensorDataset
+
+    base: dict[str, Any] = {"batch_size": batch, "shuffle": True, "drop_last": True, "num_workers": workers}
+    more = max(2, 2 * workers)
+    out: dict[str, dict[str, Any] | str] = {
+        f"num_workers={more}": {**base, "num_workers": more, "persistent_workers": True},
+        f"num_workers={more} prefetch_factor=4": {**base, "num_workers": more, "persistent_workers": True,
+                                                  "prefetch_factor": 4},
+        "pin_memory": {**base, "pin_memory": True} if cuda else "needs CUDA (pinned pages speed host-to-GPU copies)",
+    }
+    if type(dataset) is TensorDataset:
+        from disttrain.loaders import _batched, _BatchIndexed
+
+        out["batch gather"] = {**base, "dataset": _BatchIndexed(dataset), "collate_fn": _batched}
+    elif hasattr(dataset, "__getitems__"):
+        out["batch gather"] = "already: the dataset defines __getitems__"
+    else:
+        out["batch gather"] = ("needs a TensorDataset or a dataset with __getitems__(indices) returning the whole "
+                               "batch (then one read per batch, not one per sample)")
+    return out
+
+
+def run_dataset(overrides: list[str], nproc: int = 1, batches: int = 10, rounds: int = 3) -> dict[str, Any]:
+    """Time the candidate fixes on the training dataset of the run ``overrides`` describe."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from disttrain.cli import build_data
+    from disttrain.estimate import compose
+
+    torch.set_num_threads(1)
+    cfg = compose(overrides)
+    dataset, _ = build_data(cfg)
+    batch = max(int(cfg.data.batch_size) // nproc, 1)
+    workers = int(cfg.data.get("num_workers", 0) or 0)
+    base = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
+    rows: list[dict[str, Any]] = []
+    for name, opts in _candidates(dataset, batch, workers, torch.cuda.is_available()).items():
+        if isinstance(opts, str):
+            rows.append({"candidate": name, "skipped": opts})
+            continue
+        opts = dict(opts)
+        cand = DataLoader(opts.pop("dataset", dataset), **opts)
+        _ms_per_batch(base, 1), _ms_per_batch(cand, 1)  # warm-up (workers start)
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(_ms_per_batch(base, batches))
+            b.append(_ms_per_batch(cand, batches))
+        ratios = sorted(x / y for x, y in zip(a, b))
+        rows.append({"candidate": name, "baseline_ms": statistics.median(a), "ms": statistics.median(b),
+                     "speedup_median": statistics.median(ratios), "speedup_min": ratios[0], "speedup_max": ratios[-1]})
+    return {"overrides": overrides, "batch_per_rank": batch, "num_workers": workers,
+            "dataset": type(dataset).__name__, "batches": batches, "rounds": rounds, "rows": rows}
+
+
+def markdown_dataset(res: dict[str, Any]) -> str:
+    lines = [f"# Data-loading fixes on {res['dataset']} (batch {res['batch_per_rank']} per rank, "
+             f"num_workers={res['num_workers']} as configured; {res['batches']} batches x {res['rounds']} rounds)\n",
+             "| candidate | baseline ms/batch | candidate ms/batch | speedup median [min, max] |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['candidate']} | - | - | not tried: {r['skipped']} |")
+        else:
+            lines.append(f"| {r['candidate']} | {r['baseline_ms']:.2f} | {r['ms']:.2f} | {r['speedup_median']:.2f}x "
+                         f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    import sys
+
+    if any("=" in a and not a.startswith("-") for a in sys.argv[1:]):
+        ap_run = argparse.ArgumentParser(description="candidate data-loading fixes on a run's dataset")
+        ap_run.add_argument("--nproc", type=int, default=1, help="data-parallel ranks of the run (batch per rank)")
+        ap_run.add_argument("--rounds", type=int, default=3)
+        ap_run.add_argument("--batches", type=int, default=10)
+        ap_run.add_argument("overrides", nargs="*")
+        a = ap_run.parse_args()
+        print(markdown_dataset(run_dataset(a.overrides, a.nproc, a.batches, a.rounds)))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512, 4096])
     ap.add_argument("--rounds", type=int, default=5)

@@ -20,7 +20,6 @@ gradients are zeroed): ``benchmarks/memory.py`` turns them into model-state and 
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from disttrain.footprint import allocated_bytes  # glibc mallinfo2 on CPU, memory_allocated on CUDA
 
 _CLASSES: dict[type, type] = {}
 
@@ -47,23 +48,6 @@ def probed(base: str, record_dir: str, probe_comm: bool = False, probe_memory: b
     obj = _CLASSES[cls](**options)
     obj._probe_init(record_dir, probe_comm, probe_memory)
     return obj
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def allocated_bytes(device: torch.device) -> int:
-    """Bytes allocated now: ``torch.cuda.memory_allocated`` on a GPU; on the CPU, what glibc's
-    ``mallinfo2`` counts as in use (heap chunks in use in every arena plus mmapped chunks), where
-    torch's CPU allocator takes tensor memory from. Unlike RSS it drops when memory is freed."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 def _first_optimizer_step() -> None:

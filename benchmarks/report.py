@@ -232,15 +232,18 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
 
 
 def overhead_text(o: dict[str, Any]) -> str:
-    r, aa = o["ratio"], o["aa"]
+    if o.get("failed"):
+        return f"failed: {o['failed'][0]}\n"
+    r, aa, ms = o["ratio"], o["aa"], o["step_ms"]
     return (
-        f"disttrain ddp / raw torch DDP, median step time, N={o['world_size']}, model {o['model']} "
-        f"({o['params']} params, per-rank batch {o['per_rank_batch']}), {r['n']} B launches between {r['n'] + 1} A launches:\n\n"
-        f"| comparison | median ratio | p10 | p90 | launches |\n|---|---|---|---|---|\n"
-        f"| disttrain ddp / raw DDP (A/B) | {_f(r['median'], '{:.3f}')} | {_f(r['p10'], '{:.3f}')} | {_f(r['p90'], '{:.3f}')} | {r['n']} |\n"
-        f"| raw DDP / raw DDP (A/A, noise floor) | {_f(aa['median'], '{:.3f}')} | {_f(aa['p10'], '{:.3f}')} | {_f(aa['p90'], '{:.3f}')} | {aa['n']} |\n\n"
-        f"Target: A/B median <= {o['target']}. A step times (ms): {', '.join(_f(x) for x in o['a_step_ms'])}; "
-        f"B: {', '.join(_f(x) for x in o['b_step_ms'])}.\n"
+        f"disttrain ddp / raw torch DDP in the same processes, N={o['world_size']}, model {o['model']} "
+        f"({o['params']} params, per-rank batch {o['per_rank_batch']}), {o['rounds']} rounds of one step each, "
+        f"order alternating (A1 B A2, A2 B A1), "
+        f"{'each through its own loader' if o.get('loaders') else 'the same batches'}:\n\n"
+        f"| comparison | median of per-round ratios | p10 | p90 | rounds |\n|---|---|---|---|---|\n"
+        f"| disttrain ddp / raw DDP (B/A1) | {_f(r['median'], '{:.3f}')} | {_f(r['p10'], '{:.3f}')} | {_f(r['p90'], '{:.3f}')} | {r['n']} |\n"
+        f"| raw DDP / raw DDP (A2/A1, noise floor) | {_f(aa['median'], '{:.3f}')} | {_f(aa['p10'], '{:.3f}')} | {_f(aa['p90'], '{:.3f}')} | {aa['n']} |\n\n"
+        f"Target: B/A1 median <= {o['target']}. Median step (ms): A1 {_f(ms['a1'])}, B {_f(ms['b'])}, A2 {_f(ms['a2'])}.\n"
     )
 
 

@@ -239,6 +239,7 @@ def probe_optimizer(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------- the job
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     """Run one training job from a composed config. Returns the final summary (rank 0's view)."""
+    from disttrain import estimate
     from disttrain.observe import configure_logging
     from disttrain.session import Session, seed_everything
     from disttrain.trainer import Trainer
@@ -250,6 +251,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     check_target(cfg, "model", required=True)
     config_checked(failed=False)
     settings = AppSettings.from_config(cfg)
+    if trainer_cfg.estimate_only:  # print the memory estimate and stop before any process group
+        return print_estimate(cfg, strategy, env, train_data)
     session = Session(
         strategy,
         env=env,
@@ -267,6 +270,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
         if env.is_rank_zero:
             log.info("run directory: %s", run_dir)
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+        memory_watch = estimate.watch(cfg, strategy, env, train_data, session.device)  # before the model exists
         seed_everything(settings.seed)  # same initial weights on every rank
         model = session.build_model(lambda: instantiate(cfg.model, "model"))
         optimizer = build_optimizer(cfg.optimizer, model)
@@ -287,6 +291,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
             num_workers=settings.num_workers,
             seed=settings.seed,
             hparams=_flat_hparams(cfg),
+            memory_watch=memory_watch,
         )
         del model, optimizer
         summary = trainer.fit()
@@ -294,6 +299,16 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
         return summary
     finally:
         session.close()
+
+
+def print_estimate(cfg: DictConfig, strategy: Any, env: DistEnv, train_data: Any) -> dict[str, Any]:
+    """``trainer.estimate_only=true``: rank 0 prints every rank's memory estimate (disttrain/estimate.py)."""
+    from disttrain import estimate
+
+    rows = estimate.estimate(cfg, strategy, env, train_data)
+    if env.is_rank_zero:
+        print(estimate.report(rows, strategy, env, int(cfg.data.batch_size) // strategy.data_shard(env)[1]), flush=True)
+    return {"memory_estimate": [r.as_dict() for r in rows]}
 
 
 def build_data(cfg: DictConfig) -> tuple[Any, Any]:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from disttrain import checkpoint as ckpt
 from disttrain import faults, forward, schema
+from disttrain.bottleneck import DataWaitCheck
 from disttrain.errors import ConfigError, NonFiniteLossError
 from disttrain.loaders import ShardedLoader
 from disttrain.observe import RunLogger
@@ -50,6 +51,8 @@ class TrainerConfig:
     progress_bar: str | bool = "auto"
     slowdown: dict[str, float] | None = field(default=None)  # {rank: r, factor: f}
     save_on_preempt: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 75
+    data_wait_warn_fraction: float | None = 0.2  # warn once when waiting on data exceeds this share of a step
+    estimate_only: bool = False  # print the memory estimate (disttrain.estimate) and exit before training
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], prefix: str = "trainer") -> "TrainerConfig":
@@ -82,6 +85,8 @@ class TrainerConfig:
             raise bad("preflight_steps", self.preflight_steps, "must be >= 0 (0 disables the pre-flight)")
         if isinstance(self.progress_bar, str) and self.progress_bar != "auto":
             raise bad("progress_bar", self.progress_bar, "expected auto, true or false")
+        if self.data_wait_warn_fraction is not None and not 0 < self.data_wait_warn_fraction < 1:
+            raise bad("data_wait_warn_fraction", self.data_wait_warn_fraction, "must be in (0, 1) or null (no check)")
         if self.slowdown is not None:
             if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
                 raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
@@ -113,6 +118,7 @@ class Trainer:
         num_workers: int = 0,
         seed: int = 0,
         hparams: dict[str, Any] | None = None,
+        memory_watch: Any = None,
     ) -> None:
         if metric is not None and metric not in METRICS:
             raise ConfigError(f"data.metric={metric!r}: expected one of {sorted(METRICS)} or null")
@@ -141,6 +147,10 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (step, this rank's loss), kept on training ranks
         self.stop = session.stop_request() if config.save_on_preempt else None
         self.preempted = False
+        self.data_check = DataWaitCheck(config.data_wait_warn_fraction, rank=session.rank)
+        self.memory_watch = memory_watch  # disttrain.footprint.MemoryWatch: measured vs estimated memory
+        if memory_watch is not None:
+            memory_watch.attach(self.model)
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
@@ -230,6 +240,9 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 phases = s.timer.end_step()
+                self.data_check.observe(phases)
+                if self.memory_watch is not None:
+                    self.memory_watch.observe(self.step)
                 local = loss.item()
                 if cfg.check_finite and not math.isfinite(local):
                     raise NonFiniteLossError(
@@ -305,6 +318,8 @@ class Trainer:
             "step_time_ms": {k: v * 1e3 for k, v in timer.mean().items()},
             **{f"eval_{k}": v for k, v in metrics.items()},
             **strategy,
+            **self.data_check.summary(),
+            **(self.memory_watch.summary() if self.memory_watch is not None else {}),
         }
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
         self.logger.plot(self.history)

@@ -4,7 +4,8 @@
       trainer                       the loop
         session, state, registry    the plug-in face, checkpoint assembly, names -> objects
           strategies/...            how a step is parallelised: torch and their own parts only
-            env, checkpoint, loaders, schema, tree, timing, faults, preemption, observe, errors
+            env, checkpoint, loaders, schema, tree, timing, faults, preemption, observe, errors,
+            footprint, bottleneck, ...
 
 A strategy that reached up to the Session, the Trainer or the CLI would tie a parallelism to one
 face of the product; a helper that reached up would make a cycle.
@@ -25,6 +26,8 @@ HELPERS = {"disttrain.env", "disttrain.checkpoint", "disttrain.loaders", "disttr
            "disttrain.timing", "disttrain.faults", "disttrain.preemption", "disttrain.observe", "disttrain.errors",
            "disttrain.forward", "disttrain.blocks", "disttrain.activation_checkpointing",
            "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun"}
+APP |= {"disttrain.estimate"}  # memory before launch: composes the config as the app does
+HELPERS |= {"disttrain.footprint", "disttrain.bottleneck"}
 
 
 def _module(path: Path) -> str:
