@@ -21,12 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from disttrain import checkpoint as ckpt
-from disttrain import faults, forward, schema
+from disttrain import faults, forward, schema, straggler
 from disttrain.errors import ConfigError, NonFiniteLossError
+from disttrain.flops import FlopsMeter
 from disttrain.loaders import ShardedLoader
 from disttrain.observe import RunLogger
-from disttrain.preemption import Preempted
+from disttrain.preemption import Preempted, job_store
 from disttrain.session import Session
+from disttrain.straggler import RankTimes, Verdict
+from disttrain.watchdog import Watchdog, hang_key
 
 log = logging.getLogger("disttrain")
 
@@ -51,6 +54,9 @@ class TrainerConfig:
     progress_bar: str | bool = "auto"
     slowdown: dict[str, float] | None = field(default=None)  # {rank: r, factor: f}
     save_on_preempt: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 75
+    straggler_margin: float = 0.2  # name the slowest rank when its data+compute exceeds the median by this fraction
+    hang_timeout_s: float | None = 120.0  # a step or collective longer than this: dump stacks, name the late rank
+    peak_flops: float | None = None  # per device, for MFU (None: the table of known GPUs)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], prefix: str = "trainer") -> "TrainerConfig":
@@ -83,6 +89,12 @@ class TrainerConfig:
             raise bad("preflight_steps", self.preflight_steps, "must be >= 0 (0 disables the pre-flight)")
         if isinstance(self.progress_bar, str) and self.progress_bar != "auto":
             raise bad("progress_bar", self.progress_bar, "expected auto, true or false")
+        if self.straggler_margin < 0:
+            raise bad("straggler_margin", self.straggler_margin, "must be >= 0 (a fraction of the median step time)")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise bad("hang_timeout_s", self.hang_timeout_s, "must be > 0 seconds, or null (no hang watchdog)")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise bad("peak_flops", self.peak_flops, "must be > 0 FLOP/s per device, or null (known GPUs only)")
         if self.slowdown is not None:
             if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
                 raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
@@ -126,6 +138,12 @@ class Trainer:
         # before any collective of the strategy's own: a rank with another model or config
         # stops every rank here with the differing entry named, instead of hanging later
         session.verify_same_job(model, hparams)
+        self.flops = FlopsMeter.measure(model, train_data, loss_fn, session.device, session.precision,
+                                        session.world_size, config.peak_flops)
+        self.rank_times = RankTimes(config.straggler_margin)
+        self.rank_times.attach(model)  # the user's parameters: still the ones a DDP wrapper trains
+        self.watchdog = Watchdog(config.hang_timeout_s, session.rank, session.world_size,
+                                 self.run_dir / "hang" if self.run_dir else None, job_store(), hang_key(session.env))
         self.model, self.optimizer = session.prepare_model(model, optimizer)
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
         if self.scheduler is not None:
@@ -150,9 +168,11 @@ class Trainer:
             self._resume()
             if self.stop is not None:
                 self.stop.install()
+            self.watchdog.start()
             t0 = time.perf_counter()
             self.s.run(self._train, self.logger)  # ranks with other roles (servers) serve here
             elapsed = time.perf_counter() - t0
+            self.watchdog.idle()
             self.s.finish_training()
             self._agree_on_progress()  # ranks that did not run the loop learn how far it got
             metrics = {} if self.preempted else self.evaluate()
@@ -166,6 +186,7 @@ class Trainer:
         finally:
             if self.stop is not None:
                 self.stop.uninstall()
+            self.watchdog.stop()
             self.logger.close()
 
     def evaluate(self) -> dict[str, float]:
@@ -225,6 +246,7 @@ class Trainer:
             for micro in self._micro_batches(steps_per_epoch):
                 loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
                 self._slow_down(s.timer.step)
+                self.rank_times.add(s.timer.step, s.timer.ended.get("backward"))
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
@@ -246,7 +268,7 @@ class Trainer:
                     now = time.perf_counter()
                     rate = samples_window / max(now - t_window, 1e-9)
                     t_window, samples_window = now, 0
-                    self._log_step(mean_loss, rate, phases, bar)
+                    self._log_step(mean_loss, rate, phases, bar, self.rank_times.gather(s.all_gather_object))
                 if self.stop is not None and self.stop.should_stop(self.step):
                     self.preempted = True
                     break
@@ -275,17 +297,21 @@ class Trainer:
         accum = self.cfg.gradient_accumulation_steps
         it = iter(self.train_loader)
         for _ in range(steps_per_epoch - self.batch_in_epoch):
+            self.watchdog.beat(self.step + 1)
             with self.s.timer.phase("data"):
                 faults.inject("data", self.s.rank, self.step + 1)
                 group = [next(it) for _ in range(accum)]
             yield group
 
     # ------------------------------------------------------------------ pieces
-    def _log_step(self, loss: float, rate: float, phases: dict[str, float], bar: Any) -> None:
+    def _log_step(self, loss: float, rate: float, phases: dict[str, float], bar: Any, ranks: Verdict | None) -> None:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_sec": rate}
         scalars.update({f"time/{k}_ms": v * 1e3 for k, v in phases.items()})
         scalars.update(self.s.strategy_metrics())
+        scalars.update(self.flops.scalars(rate))
+        if ranks is not None:
+            scalars.update(straggler.scalars(ranks))
         self.logger.scalars(self.step, scalars)
         msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
         if bar is not None:
@@ -305,7 +331,13 @@ class Trainer:
             "step_time_ms": {k: v * 1e3 for k, v in timer.mean().items()},
             **{f"eval_{k}": v for k, v in metrics.items()},
             **strategy,
+            **self.flops.summary(samples / max(elapsed, 1e-9)),
         }
+        verdict = self.rank_times.run_verdict()
+        if verdict is not None:
+            summary["straggler"] = verdict.as_dict()
+            if verdict.flagged:
+                log.warning("%s", verdict.message())
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
         self.logger.plot(self.history)
         self.logger.summary(summary)
