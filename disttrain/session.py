@@ -265,6 +265,13 @@ class Session:
         dist.all_gather_object(out, obj, group=group)
         return out
 
+    @property
+    def training_ranks(self) -> list[int]:
+        """Global ranks of the training ranks (``all_gather_object``'s order)."""
+        if not dist.is_initialized():
+            return [self.rank]
+        return dist.get_process_group_ranks(self.strategy.reduce_group() or dist.group.WORLD)
+
     def broadcast_object(self, obj: Any, src_index: int) -> Any:
         """``obj`` of the training rank at position ``src_index`` (as in ``all_gather_object``)."""
         group = self.strategy.reduce_group()

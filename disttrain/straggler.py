@@ -80,15 +80,16 @@ def split_step(phases: Mapping[str, float], backward_end: float | None, ready_at
 class Verdict:
     """Who is slowest in one window (or the whole run), by how much, and why."""
 
-    per_rank_ms: list[dict[str, float]]  # median ms per step, per category, in rank order
-    rank: int  # the slowest rank (largest data + compute)
+    per_rank_ms: list[dict[str, float]]  # median ms per step, per category, one per training rank
+    ranks: list[int]  # their global ranks
+    rank: int  # the slowest rank's global rank (largest data + compute)
     excess_ms: float  # its data + compute above the median
     excess_frac: float  # the same, as a fraction of the median
     cause: str  # "data" or "compute"
     flagged: bool  # excess_frac > margin
 
     def message(self) -> str:
-        ms = self.per_rank_ms[self.rank]
+        ms = self.per_rank_ms[self.ranks.index(self.rank)]
         return (
             f"rank {self.rank} is the slowest: data {ms['data']:.1f} ms + compute {ms['compute']:.1f} ms per step, "
             f"{self.excess_ms:.1f} ms ({100 * self.excess_frac:.0f}%) over the median of the ranks, mostly {self.cause}; "
@@ -98,12 +99,14 @@ class Verdict:
     def as_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank if self.flagged else None, "slowest_rank": self.rank, "cause": self.cause,
-            "excess_ms": self.excess_ms, "excess_frac": self.excess_frac, "per_rank_ms": self.per_rank_ms,
+            "excess_ms": self.excess_ms, "excess_frac": self.excess_frac,
+            "per_rank_ms": dict(zip(self.ranks, self.per_rank_ms)),
         }
 
 
-def judge(per_rank: Sequence[Mapping[str, float]], margin: float) -> Verdict:
-    """The verdict on per-rank times per step, in ms."""
+def judge(per_rank: Sequence[Mapping[str, float]], margin: float, ranks: Sequence[int] | None = None) -> Verdict:
+    """The verdict on per-rank times per step, in ms (``ranks``: their global ranks, if not 0..n-1)."""
+    ranks = list(ranks) if ranks is not None else list(range(len(per_rank)))
     busy = [r["data"] + r["compute"] for r in per_rank]
     slow = max(range(len(busy)), key=lambda i: busy[i])
     median = statistics.median(busy)
@@ -111,7 +114,7 @@ def judge(per_rank: Sequence[Mapping[str, float]], margin: float) -> Verdict:
     frac = excess / median if median > 0 else 0.0
     over = {c: per_rank[slow][c] - statistics.median(r[c] for r in per_rank) for c in ("data", "compute")}
     cause = max(over, key=lambda c: over[c])
-    return Verdict([dict(r) for r in per_rank], slow, excess, frac, cause, frac > margin)
+    return Verdict([dict(r) for r in per_rank], ranks, ranks[slow], excess, frac, cause, frac > margin)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class RankTimes:
     in the second forward, which waits for every rank) would otherwise dominate a short window."""
 
     margin: float = 0.2
+    ranks: list[int] | None = None  # global ranks of the training ranks, in gather order
     window: list[dict[str, float]] = field(default_factory=list)  # this rank's steps since the last gather
     history: list[list[dict[str, float]]] = field(default_factory=list)  # per window: per-rank medians (ms)
     clock: ReadyClock | None = None
@@ -145,14 +149,14 @@ class RankTimes:
             return None
         medians = [_medians(steps) for steps in seen]
         self.history.append(medians)
-        return judge(medians, self.margin)
+        return judge(medians, self.margin, self.ranks)
 
     def run_verdict(self) -> Verdict | None:
         """The verdict over the run: per rank, the median of its windows' medians."""
         if not self.history:
             return None
         ranks = len(self.history[0])
-        return judge([_medians([w[r] for w in self.history]) for r in range(ranks)], self.margin)
+        return judge([_medians([w[r] for w in self.history]) for r in range(ranks)], self.margin, self.ranks)
 
 
 def _medians(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -161,7 +165,7 @@ def _medians(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 def scalars(verdict: Verdict) -> dict[str, float]:
     """TensorBoard scalars: one series per rank and category, and the slowest rank."""
-    out = {f"ranks/{c}_ms/rank{r}": ms[c] for r, ms in enumerate(verdict.per_rank_ms) for c in CATEGORIES}
+    out = {f"ranks/{c}_ms/rank{r}": ms[c] for r, ms in zip(verdict.ranks, verdict.per_rank_ms) for c in CATEGORIES}
     out["straggler/rank"] = float(verdict.rank)
     out["straggler/excess_ms"] = verdict.excess_ms
     return out

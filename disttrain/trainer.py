@@ -140,7 +140,7 @@ class Trainer:
         session.verify_same_job(model, hparams)
         self.flops = FlopsMeter.measure(model, train_data, loss_fn, session.device, session.precision,
                                         session.world_size, config.peak_flops)
-        self.rank_times = RankTimes(config.straggler_margin)
+        self.rank_times = RankTimes(config.straggler_margin, session.training_ranks)
         self.rank_times.attach(model)  # the user's parameters: still the ones a DDP wrapper trains
         self.watchdog = Watchdog(config.hang_timeout_s, session.rank, session.world_size,
                                  self.run_dir / "hang" if self.run_dir else None, job_store(), hang_key(session.env))
@@ -333,10 +333,11 @@ class Trainer:
             **strategy,
             **self.flops.summary(samples / max(elapsed, 1e-9)),
         }
-        verdict = self.rank_times.run_verdict()
+        # every rank learns the verdict (rank 0, which writes, may not train: a parameter server)
+        verdict = next((v for v in self.s.all_gather_object(self.rank_times.run_verdict(), everyone=True) if v), None)
         if verdict is not None:
             summary["straggler"] = verdict.as_dict()
-            if verdict.flagged:
+            if verdict.flagged and self.s.is_main:
                 log.warning("%s", verdict.message())
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
         self.logger.plot(self.history)

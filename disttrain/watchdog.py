@@ -49,7 +49,7 @@ def recorded_collectives() -> dict[str, Any]:
     """This process's flight-recorder dump (entries without stack traces, per-group status);
     empty when the recorder is off or torch lacks it."""
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace
+        from torch._C._distributed_c10d import _dump_fr_trace  # type: ignore[attr-defined]
 
         return pickle.loads(_dump_fr_trace(includeCollectives=True, includeStackTraces=False))
     except Exception:  # no process group, recorder off, a torch without it: nothing recorded

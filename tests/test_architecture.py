@@ -24,7 +24,8 @@ FACES = {"disttrain.session", "disttrain.state", "disttrain.registry", "disttrai
 HELPERS = {"disttrain.env", "disttrain.checkpoint", "disttrain.loaders", "disttrain.schema", "disttrain.tree",
            "disttrain.timing", "disttrain.faults", "disttrain.preemption", "disttrain.observe", "disttrain.errors",
            "disttrain.forward", "disttrain.blocks", "disttrain.activation_checkpointing",
-           "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun"}
+           "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun",
+           "disttrain.flops", "disttrain.straggler", "disttrain.watchdog"}
 
 
 def _module(path: Path) -> str:

@@ -87,36 +87,49 @@ class _SlowOnRank(Dataset):
         return self.x[i], self.y[i]
 
 
-def _straggler_worker(run_dir: str) -> list[dict]:
-    from disttrain.session import Session
+def _trainer(s, data, run_dir: str | None, **options):
     from disttrain.trainer import Trainer, TrainerConfig
 
+    model = _mlp()
+    cfg = TrainerConfig(max_epochs=1, progress_bar=False, check_in_sync=False, **options)
+    return Trainer(s, model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), data, batch_size=16,
+                   config=cfg, run_dir=Path(run_dir) if run_dir else None)
+
+
+def _observed_worker(run_dir: str) -> dict:
+    """One launch, three runs: rank 1 made 4x slower in compute (the slowdown knob does real
+    work); rank 0 reading slowly; rank 1 sleeping 8 s after step 2 (``sleep@1:2``) before the log
+    step's allreduce, with ``hang_timeout_s=1.5``."""
+    from disttrain.session import Session
+
     s = Session("ddp", timeout_s=60, seed=0)
-    out = []
     try:
-        # rank 1 computes 4x as long (the slowdown knob does real work); then rank 0 reads slowly
-        for i, (data, slowdown) in enumerate([
-            (_SlowOnRank(256, rank=0, delay_s=0.0), {"rank": 1, "factor": 4.0}),
-            (_SlowOnRank(256, rank=0, delay_s=0.004), None),
-        ]):
-            model = _mlp()
-            cfg = TrainerConfig(max_epochs=1, max_steps=8, log_every_n_steps=4, progress_bar=False, slowdown=slowdown,
-                                check_in_sync=False, peak_flops=1e12)
-            t = Trainer(s, model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), data, batch_size=16,
-                        config=cfg, run_dir=Path(run_dir) if i == 0 else None)
-            out.append(t.fit())
+        compute = _trainer(s, _SlowOnRank(256, 0, 0.0), f"{run_dir}/compute", max_steps=8, log_every_n_steps=4,
+                           slowdown={"rank": 1, "factor": 4.0}, peak_flops=1e12).fit()
+        data = _trainer(s, _SlowOnRank(256, 0, 0.004), None, max_steps=8, log_every_n_steps=4).fit()
+        os.environ.update(DISTTRAIN_FAULT="sleep@1:2", DISTTRAIN_FAULT_SLEEP_S="8")
+        hang = _trainer(s, _SlowOnRank(128, 0, 0.0), f"{run_dir}/hang", max_steps=4, log_every_n_steps=1,
+                        hang_timeout_s=1.5)
+        hang.fit()
+        return {"compute": compute, "data": data, "hang_report": hang.watchdog.report}
     finally:
+        os.environ.pop("DISTTRAIN_FAULT", None)
         s.close()
-    return out
 
 
-@pytest.mark.timeout(150)
-def test_the_slow_rank_is_named_with_its_cause(tmp_path: Path) -> None:
-    """2 gloo ranks under DDP, whose allreduce evens out step times: the rank made slow in compute
-    (``trainer.slowdown``), then the rank with a slow dataset, is named with the right cause."""
-    results = run_distributed(_straggler_worker, 2, str(tmp_path), timeout=120)
-    for summaries in results:  # every rank holds the same verdict
-        compute, data = summaries
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory) -> tuple[Path, list[dict]]:
+    run_dir = tmp_path_factory.mktemp("observed")
+    return run_dir, run_distributed(_observed_worker, 2, str(run_dir), timeout=150)
+
+
+@pytest.mark.timeout(180)
+def test_the_slow_rank_is_named_with_its_cause(observed) -> None:
+    """2 gloo ranks under DDP, whose allreduce evens out step times: the rank made slow in compute,
+    then the rank with a slow dataset, is named with the right cause, on every rank."""
+    run_dir, results = observed
+    for r in results:
+        compute, data = r["compute"], r["data"]
         assert compute["straggler"]["rank"] == 1 and compute["straggler"]["cause"] == "compute", compute["straggler"]
         assert data["straggler"]["rank"] == 0 and data["straggler"]["cause"] == "data", data["straggler"]
         # not evened out: the fast rank's compute stays far below the 4x rank's, its wait above
@@ -126,7 +139,7 @@ def test_the_slow_rank_is_named_with_its_cause(tmp_path: Path) -> None:
         assert compute["mfu"] == pytest.approx(compute["achieved_flops_per_sec"] / (2 * 1e12))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "compute" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"straggler/rank", "straggler/excess_ms", "ranks/compute_ms/rank1", "ranks/data_ms/rank0",
@@ -146,36 +159,19 @@ def test_diagnose_names_the_rank_behind() -> None:
     assert "in inject" in report and "ranks [3] did not answer" in report
 
 
-def _hang_worker(run_dir: str) -> str | None:
-    from disttrain.session import Session
-    from disttrain.trainer import Trainer, TrainerConfig
-
-    s = Session("ddp", timeout_s=60, seed=0)
-    try:
-        model = _mlp()
-        cfg = TrainerConfig(max_epochs=1, max_steps=4, log_every_n_steps=1, progress_bar=False, hang_timeout_s=1.5)
-        t = Trainer(s, model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
-                    _SlowOnRank(128, rank=0, delay_s=0.0), batch_size=16, config=cfg, run_dir=Path(run_dir))
-        t.fit()
-        return t.watchdog.report
-    finally:
-        s.close()
-
-
-@pytest.mark.timeout(150)
-def test_a_rank_that_does_not_arrive_is_named_with_the_collective(tmp_path: Path) -> None:
-    """Rank 1 sleeps 8 s after step 2, before the log step's allreduce (``sleep@1:2``); with
-    ``hang_timeout_s=1.5`` the diagnosis names rank 1 and that allreduce while rank 1 is still
-    asleep (its stack is in the sleep), every rank dumps its stacks and collectives, and the job
-    then finishes (far inside the process group's 60 s timeout)."""
-    env = {"DISTTRAIN_FAULT": "sleep@1:2", "DISTTRAIN_FAULT_SLEEP_S": "8"}
-    reports = run_distributed(_hang_worker, 2, str(tmp_path), timeout=120, env=env)
-    report = (tmp_path / "hang" / "diagnosis.txt").read_text()
-    assert [r for r in reports if r] == [report.strip()]  # written once, by the first rank that noticed
+@pytest.mark.timeout(180)
+def test_a_rank_that_does_not_arrive_is_named_with_the_collective(observed) -> None:
+    """Rank 1 sleeps 8 s before the log step's allreduce; with ``hang_timeout_s=1.5`` the
+    diagnosis names rank 1 and that allreduce while rank 1 is still asleep (its stack is in the
+    sleep), every rank dumps its stacks and collectives, and the job then finishes (far inside
+    the process group's 60 s timeout: the fixture's launch ended)."""
+    run_dir, results = observed
+    report = (run_dir / "hang" / "hang" / "diagnosis.txt").read_text()
+    assert [r["hang_report"] for r in results if r["hang_report"]] == [report.strip()]  # once, by the first to notice
     assert hung_ranks(report) == [1], report
     line = next(ln for ln in report.splitlines() if ln.startswith("rank 1 did not arrive"))
     assert "gloo:all_reduce" in line and "ranks [0] entered" in line, line
     assert "in inject" in line, line  # rank 1 was still inside the injected sleep: reported in time
     for r in (0, 1):
-        assert (tmp_path / "hang" / f"rank{r}_collectives.json").exists()
-    assert "time.sleep" in (tmp_path / "hang" / "rank1_stacks.txt").read_text()
+        assert (run_dir / "hang" / "hang" / f"rank{r}_collectives.json").exists()
+    assert "time.sleep" in (run_dir / "hang" / "hang" / "rank1_stacks.txt").read_text()
