@@ -247,6 +247,7 @@ class Trainer:
                 loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
                 self._slow_down(s.timer.step)
                 self.rank_times.add(s.timer.step, s.timer.ended.get("backward"))
+                self.watchdog.idle()  # between steps (logging, checkpoints, eval) collectives alone are watched
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
@@ -314,6 +315,8 @@ class Trainer:
             scalars.update(straggler.scalars(ranks))
         self.logger.scalars(self.step, scalars)
         msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
+        if "perf/tflops" in scalars:
+            msg += f" {scalars['perf/tflops']:.3g} TFLOP/s" + (f" MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "")
         if bar is not None:
             bar.set_postfix_str(f"loss {loss:.4f} {rate:.0f} samples/s")
         else:

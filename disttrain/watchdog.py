@@ -132,8 +132,8 @@ def _entry(account: dict[str, Any], pg: str, seq: int) -> dict[str, Any] | None:
 def _where(account: dict[str, Any]) -> str:
     frames = account.get("frames") or []
     step = account.get("step")
-    at = f" (it is in step {step}" if step is not None else " (it is"
-    return f"{at}, at {frames[-1]})" if frames else f"{at})"
+    parts = ([f"last step {step}"] if step is not None else []) + ([f"now at {frames[-1]}"] if frames else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 class Watchdog:
@@ -167,28 +167,28 @@ class Watchdog:
             self._thread = None
 
     def beat(self, step: int) -> None:
+        """A step starts: it must end (``idle``) within the timeout."""
         self.step, self._since = step, time.monotonic()
 
     def idle(self) -> None:
-        self.step, self._since = None, None
+        """Between steps: only collectives are watched (the last step is still reported)."""
+        self._since = None
 
     # ------------------------------------------------------------------ the thread
     def _watch(self) -> None:
         assert self.timeout_s is not None
         while not self._stop.wait(self.poll_s):
-            if self.dumped:
-                return
-            reason = self._overdue(self.timeout_s)
-            flagged = self.store is not None and self.store.check([f"{self.key}/flag"])
-            if reason is None and not flagged:
-                continue
-            first = reason is not None and self._claim(reason)
             try:
+                reason = self._overdue(self.timeout_s)
+                flagged = self.store is not None and self.store.check([f"{self.key}/flag"])
+                if reason is None and not flagged:
+                    continue
+                first = reason is not None and self._claim(reason)
                 self._dump()
                 if first:
                     self._report()
             except Exception as exc:  # the watchdog reports; it must never take the rank down
-                log.warning("rank %d: hang report failed: %s: %s", self.rank, type(exc).__name__, exc)
+                log.warning("rank %d: hang watchdog failed: %s: %s", self.rank, type(exc).__name__, exc)
             return
 
     def _overdue(self, timeout_s: float) -> str | None:
