@@ -140,14 +140,14 @@ class RankTimes:
         self.window.append({k: round(1e3 * v, 3) for k, v in split_step(phases, backward_end, ready).items()})
 
     def gather(self, all_gather: Callable[[Any], list[Any]]) -> Verdict | None:
-        """Exchange the windows (one ``all_gather_object`` of a few numbers per step), start a new
-        window, and judge it. Collective over the training ranks: call it on all of them at the
-        same step."""
-        mine, self.window = self.window, []
-        seen = all_gather(mine)
-        if any(not steps for steps in seen):
+        """Exchange this window's medians (one ``all_gather_object`` of four numbers per rank),
+        start a new window, and judge it. Collective over the training ranks: call it on all of
+        them at the same step."""
+        mine = _medians(self.window) if self.window else None
+        self.window = []
+        medians = all_gather(mine)
+        if any(m is None for m in medians):
             return None
-        medians = [_medians(steps) for steps in seen]
         self.history.append(medians)
         return judge(medians, self.margin, self.ranks)
 

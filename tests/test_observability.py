@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disttrain.flops import FlopsMeter, count_flops, peak_flops
-from disttrain.straggler import judge, split_step
+from disttrain.straggler import RankTimes, judge, split_step
 from disttrain.watchdog import diagnose, hung_ranks
 from tests.distributed import run_distributed
 
@@ -67,6 +67,20 @@ def test_judge_names_the_slowest_rank_and_its_cause() -> None:
     assert (v.rank, v.cause, v.flagged) == (2, "data", True)
     assert v.excess_ms == pytest.approx(19.0 - 11.5)
     assert not judge(ranks, margin=1.0).flagged  # 65% over the median: below a 100% margin
+
+
+def test_a_warm_up_step_does_not_decide_and_ranks_are_global() -> None:
+    """Medians per window: rank 3's one slow first step (lazy init) does not make it the
+    straggler; rank 5's steady 3 ms extra data wait does. Exchanged: four numbers per rank."""
+    times = RankTimes(margin=0.2, ranks=[3, 5])
+    for step in range(5):
+        times.add({"data": 0.001, "forward": 0.5 if step == 0 else 0.002, "backward": 0.002}, None)
+    other = {"data": 4.0, "compute": 4.0, "comm": 0.0, "optimizer": 0.0}
+    sent = []
+    verdict = times.gather(lambda mine: sent.append(mine) or [mine, other])
+    assert sent[0] == {"data": 1.0, "compute": 4.0, "comm": 0.0, "optimizer": 0.0}
+    assert verdict is not None and (verdict.rank, verdict.cause, verdict.flagged) == (5, "data", True)
+    assert times.run_verdict().as_dict()["per_rank_ms"][3]["compute"] == 4.0
 
 
 class _SlowOnRank(Dataset):
