@@ -132,7 +132,14 @@ class RankTimes:
 
     def attach(self, model: nn.Module) -> None:
         """Stamp gradient readiness on ``model``'s parameters (the user's module, unwrapped)."""
+        self.detach()
         self.clock = ReadyClock(model)
+
+    def detach(self) -> None:
+        """Remove the stamps from the parameters (the end of a run)."""
+        if self.clock is not None:
+            self.clock.remove()
+            self.clock = None
 
     def add(self, phases: Mapping[str, float], backward_end: float | None) -> None:
         """One finished step of this rank (the StepTimer's phases and the backward's end)."""

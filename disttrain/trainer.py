@@ -141,7 +141,6 @@ class Trainer:
         self.flops = FlopsMeter.measure(model, train_data, loss_fn, session.device, session.precision,
                                         session.world_size, config.peak_flops)
         self.rank_times = RankTimes(config.straggler_margin, session.training_ranks)
-        self.rank_times.attach(model)  # the user's parameters: still the ones a DDP wrapper trains
         self.watchdog = Watchdog(config.hang_timeout_s, session.rank, session.world_size,
                                  self.run_dir / "hang" if self.run_dir else None, job_store(), hang_key(session.env))
         self.model, self.optimizer = session.prepare_model(model, optimizer)
@@ -169,6 +168,7 @@ class Trainer:
             if self.stop is not None:
                 self.stop.install()
             self.watchdog.start()
+            self.rank_times.attach(self.s.unwrap(self.model))
             t0 = time.perf_counter()
             self.s.run(self._train, self.logger)  # ranks with other roles (servers) serve here
             elapsed = time.perf_counter() - t0
@@ -187,6 +187,7 @@ class Trainer:
             if self.stop is not None:
                 self.stop.uninstall()
             self.watchdog.stop()
+            self.rank_times.detach()
             self.logger.close()
 
     def evaluate(self) -> dict[str, float]:
