@@ -7,6 +7,8 @@ Set ``DISTTRAIN_FAULT`` to one or more comma-separated ``KIND@RANK:STEP`` specs:
 * ``raise@1:5``  rank 1 raises RuntimeError right after step 5 (a bug in the step)
 * ``data@1:3``   rank 1 raises while loading the batches of step 3 (a bad sample / IO error)
 * ``save@0:4``   rank 0 raises while saving the checkpoint of step 4 (a full disk)
+* ``sleep@1:3`` rank 1 sleeps ``DISTTRAIN_FAULT_SLEEP_S`` seconds (default 30) right after step 3,
+  before the collectives of the log step: a hang that ends (the watchdog's test)
 * ``term@0:5``   rank 0 sends SIGTERM to its parent (the torchrun agent) right after step 5, as a
   scheduler stopping the job would (the agent forwards it to every worker)
 
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "DISTTRAIN_FAULT"
-_POINTS = {"kill": "step", "raise": "step", "data": "data", "save": "save", "term": "step"}
+_POINTS = {"sleep": "step", "kill": "step", "raise": "step", "data": "data", "save": "save", "term": "step"}
 
 
 class InjectedFault(RuntimeError):
@@ -54,6 +57,9 @@ def inject(point: str, rank: int, step: int) -> None:
             continue
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "sleep":
+            time.sleep(float(os.environ.get("DISTTRAIN_FAULT_SLEEP_S", "30")))
+            return
         if kind == "term":
             os.kill(os.getppid(), signal.SIGTERM)
             return

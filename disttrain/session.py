@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from disttrain import activation_checkpointing as ac
+from disttrain import watchdog
 from disttrain.checkpoint import write_full
 from disttrain.env import DistEnv, configure_threads, destroy_process_group
 from disttrain.errors import ConfigError
@@ -79,6 +80,7 @@ class Session:
         self.strategy.validate(self.env)  # before any process group: fails on every rank alike
         self.device = self.env.device(accelerator)
         self.num_threads = configure_threads(self.device, num_threads)
+        watchdog.enable_flight_recorder()  # torch's record of the last collectives, for hang reports
         if seed is not None:
             seed_everything(seed)
         self.strategy.setup(self.env, self.device, self.env.backend(self.device, backend), timeout_s)
@@ -263,6 +265,13 @@ class Session:
         out: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(out, obj, group=group)
         return out
+
+    @property
+    def training_ranks(self) -> list[int]:
+        """Global ranks of the training ranks (``all_gather_object``'s order)."""
+        if not dist.is_initialized():
+            return [self.rank]
+        return dist.get_process_group_ranks(self.strategy.reduce_group() or dist.group.WORLD)
 
     def broadcast_object(self, obj: Any, src_index: int) -> Any:
         """``obj`` of the training rank at position ``src_index`` (as in ``all_gather_object``)."""

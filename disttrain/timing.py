@@ -23,6 +23,7 @@ class StepTimer:
         self.step: dict[str, float] = defaultdict(float)
         self.total: dict[str, float] = defaultdict(float)
         self.steps = 0
+        self.ended: dict[str, float] = {}  # perf_counter at the end of each phase's last run this step
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -34,7 +35,8 @@ class StepTimer:
         finally:
             if self._sync:
                 torch.cuda.synchronize()
-            self.add(name, time.perf_counter() - t0)
+            self.ended[name] = time.perf_counter()
+            self.add(name, self.ended[name] - t0)
 
     def add(self, name: str, seconds: float) -> None:
         self.step[name] += seconds
@@ -46,6 +48,7 @@ class StepTimer:
             self.total[k] += v
         self.steps += 1
         self.step.clear()
+        self.ended.clear()
         return done
 
     def mean(self) -> dict[str, float]:

@@ -20,13 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from disttrain import checkpoint as ckpt
-from disttrain import faults, forward, schema
+from disttrain import faults, forward, schema, straggler
 from disttrain.bottleneck import DataWaitCheck
 from disttrain.errors import ConfigError, NonFiniteLossError
+from disttrain.flops import FlopsMeter
 from disttrain.loaders import ShardedLoader
 from disttrain.observe import RunLogger
-from disttrain.preemption import Preempted
+from disttrain.preemption import Preempted, job_store
 from disttrain.session import Session
+from disttrain.straggler import RankTimes, Verdict
+from disttrain.watchdog import Watchdog, hang_key
 
 log = logging.getLogger("disttrain")
 
@@ -53,6 +56,9 @@ class TrainerConfig:
     save_on_preempt: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 75
     data_wait_warn_fraction: float | None = 0.2  # warn once when waiting on data exceeds this share of a step
     estimate_only: bool = False  # print the memory estimate (disttrain.estimate) and exit before training
+    straggler_margin: float = 0.2  # name the slowest rank when its data+compute exceeds the median by this fraction
+    hang_timeout_s: float | None = 120.0  # a step or collective longer than this: dump stacks, name the late rank
+    peak_flops: float | None = None  # per device, for MFU (None: the table of known GPUs)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], prefix: str = "trainer") -> "TrainerConfig":
@@ -87,6 +93,12 @@ class TrainerConfig:
             raise bad("progress_bar", self.progress_bar, "expected auto, true or false")
         if self.data_wait_warn_fraction is not None and not 0 < self.data_wait_warn_fraction < 1:
             raise bad("data_wait_warn_fraction", self.data_wait_warn_fraction, "must be in (0, 1) or null (no check)")
+        if self.straggler_margin < 0:
+            raise bad("straggler_margin", self.straggler_margin, "must be >= 0 (a fraction of the median step time)")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise bad("hang_timeout_s", self.hang_timeout_s, "must be > 0 seconds, or null (no hang watchdog)")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise bad("peak_flops", self.peak_flops, "must be > 0 FLOP/s per device, or null (known GPUs only)")
         if self.slowdown is not None:
             if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
                 raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
@@ -131,6 +143,11 @@ class Trainer:
         # before any collective of the strategy's own: a rank with another model or config
         # stops every rank here with the differing entry named, instead of hanging later
         session.verify_same_job(model, hparams)
+        self.flops = FlopsMeter.measure(model, train_data, loss_fn, session.device, session.precision,
+                                        session.world_size, config.peak_flops)
+        self.rank_times = RankTimes(config.straggler_margin, session.training_ranks)
+        self.watchdog = Watchdog(config.hang_timeout_s, session.rank, session.world_size,
+                                 self.run_dir / "hang" if self.run_dir else None, job_store(), hang_key(session.env))
         self.model, prepared = session.prepare_model(model, optimizer)
         self.optimizer: torch.optim.Optimizer = cast(torch.optim.Optimizer, prepared)  # given one, every strategy returns one
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
@@ -160,9 +177,12 @@ class Trainer:
             self._resume()
             if self.stop is not None:
                 self.stop.install()
+            self.watchdog.start()
+            self.rank_times.attach(self.s.unwrap(self.model))
             t0 = time.perf_counter()
             self.s.run(self._train, self.logger)  # ranks with other roles (servers) serve here
             elapsed = time.perf_counter() - t0
+            self.watchdog.idle()
             self.s.finish_training()
             self._agree_on_progress()  # ranks that did not run the loop learn how far it got
             metrics = {} if self.preempted else self.evaluate()
@@ -176,6 +196,8 @@ class Trainer:
         finally:
             if self.stop is not None:
                 self.stop.uninstall()
+            self.watchdog.stop()
+            self.rank_times.detach()
             self.logger.close()
 
     def evaluate(self) -> dict[str, float]:
@@ -235,6 +257,8 @@ class Trainer:
             for micro in self._micro_batches(steps_per_epoch):
                 loss = s.train_step(self.model, self.optimizer, micro, self.loss_fn)
                 self._slow_down(s.timer.step)
+                self.rank_times.add(s.timer.step, s.timer.ended.get("backward"))
+                self.watchdog.idle()  # between steps (logging, checkpoints, eval) collectives alone are watched
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
@@ -259,7 +283,7 @@ class Trainer:
                     now = time.perf_counter()
                     rate = samples_window / max(now - t_window, 1e-9)
                     t_window, samples_window = now, 0
-                    self._log_step(mean_loss, rate, phases, bar)
+                    self._log_step(mean_loss, rate, phases, bar, self.rank_times.gather(s.all_gather_object))
                 if self.stop is not None and self.stop.should_stop(self.step):
                     self.preempted = True
                     break
@@ -288,19 +312,25 @@ class Trainer:
         accum = self.cfg.gradient_accumulation_steps
         it = iter(self.train_loader)
         for _ in range(steps_per_epoch - self.batch_in_epoch):
+            self.watchdog.beat(self.step + 1)
             with self.s.timer.phase("data"):
                 faults.inject("data", self.s.rank, self.step + 1)
                 group = [next(it) for _ in range(accum)]
             yield group
 
     # ------------------------------------------------------------------ pieces
-    def _log_step(self, loss: float, rate: float, phases: dict[str, float], bar: Any) -> None:
+    def _log_step(self, loss: float, rate: float, phases: dict[str, float], bar: Any, ranks: Verdict | None) -> None:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_sec": rate}
         scalars.update({f"time/{k}_ms": v * 1e3 for k, v in phases.items()})
         scalars.update(self.s.strategy_metrics())
+        scalars.update(self.flops.scalars(rate))
+        if ranks is not None:
+            scalars.update(straggler.scalars(ranks))
         self.logger.scalars(self.step, scalars)
         msg = f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.3g} {rate:.0f} samples/s"
+        if "perf/tflops" in scalars:
+            msg += f" {scalars['perf/tflops']:.3g} TFLOP/s" + (f" MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "")
         if bar is not None:
             bar.set_postfix_str(f"loss {loss:.4f} {rate:.0f} samples/s")
         else:
@@ -320,7 +350,14 @@ class Trainer:
             **strategy,
             **self.data_check.summary(),
             **(self.memory_watch.summary() if self.memory_watch is not None else {}),
+            **self.flops.summary(samples / max(elapsed, 1e-9)),
         }
+        # every rank learns the verdict (rank 0, which writes, may not train: a parameter server)
+        verdict = next((v for v in self.s.all_gather_object(self.rank_times.run_verdict(), everyone=True) if v), None)
+        if verdict is not None:
+            summary["straggler"] = verdict.as_dict()
+            if verdict.flagged and self.s.is_main:
+                log.warning("%s", verdict.message())
         self.logger.hparams({**self.hparams, "world_size": self.s.world_size}, {f"eval_{k}": v for k, v in metrics.items()})
         self.logger.plot(self.history)
         self.logger.summary(summary)

@@ -25,7 +25,8 @@ FACES = {"disttrain.session", "disttrain.state", "disttrain.registry", "disttrai
 HELPERS = {"disttrain.env", "disttrain.checkpoint", "disttrain.loaders", "disttrain.schema", "disttrain.tree",
            "disttrain.timing", "disttrain.faults", "disttrain.preemption", "disttrain.observe", "disttrain.errors",
            "disttrain.forward", "disttrain.blocks", "disttrain.activation_checkpointing",
-           "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun"}
+           "disttrain.fingerprint", "disttrain.data", "disttrain.models", "disttrain.torchrun",
+           "disttrain.flops", "disttrain.straggler", "disttrain.watchdog"}
 APP |= {"disttrain.estimate"}  # memory before launch: composes the config as the app does
 HELPERS |= {"disttrain.footprint", "disttrain.bottleneck"}
 

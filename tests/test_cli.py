@@ -35,7 +35,8 @@ def test_torchrun_two_processes_trains_digits(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/samples_per_sec", "time/data_ms", "time/forward_ms",
-                "time/backward_ms", "time/optimizer_ms", "eval/accuracy", "eval/loss"):
+                "time/backward_ms", "time/optimizer_ms", "eval/accuracy", "eval/loss",
+                "straggler/rank", "ranks/compute_ms/rank1", "perf/tflops"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses[-1] < losses[0]

@@ -287,6 +287,10 @@ def test_staleness_bound_is_enforced_with_a_straggler():
     assert max(stale_free) > 0
     # same final weights on every rank after finish_training, in both runs
     for res in (bounded, free):
+        for r in res:  # the per-worker times name the straggler on every rank, the server's included
+            verdict = r["summary"]["straggler"]
+            assert (verdict["rank"], verdict["cause"]) == (2, "compute"), verdict
+            assert sorted(verdict["per_rank_ms"]) == [1, 2]  # the workers, by global rank
         for r in res[1:]:
             for k in r["params"]:
                 assert torch.equal(r["params"][k], res[0]["params"][k])
