@@ -4,7 +4,6 @@ Session (and so a Strategy) call, and nothing here asks which strategy or role t
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math

@@ -287,6 +287,26 @@ def test_synchronous_update_waits_for_a_worker_between_a_flushed_push_and_its_ne
     assert _replies(transport) == [(2, 1), (1, 1), (1, 2), (2, 2)]
 
 
+def test_snapshot_is_not_held_behind_a_later_steps_gradient():
+    """s = 0, a checkpoint at step 1: both workers flush their step-1 gradients (one update), then
+    worker 2 pulls, computes and pushes step 2 before the writer's (worker 1's) snapshot request
+    arrives. Step 2's update waits for worker 1, who waits for the snapshot: the snapshot must be
+    answered now, with the state after step 1 (it waited for every queued gradient, the later
+    step's included: the mid-run checkpoint test hung under load when worker 2 was quicker)."""
+    from disttrain.strategies.parameter_server.protocol import PULL, PUSH, SNAP, SNAP_DATA, unpack
+
+    server, transport, _ = _server(max_staleness=0)
+    _message(server, transport, PUSH, 1, 1, torch.tensor([1.0, 0.0]))
+    _message(server, transport, PUSH, 2, 1, torch.tensor([0.0, 1.0]))
+    _message(server, transport, PULL, 2, 1)
+    _message(server, transport, PUSH | PULL, 2, 2, torch.tensor([0.0, 2.0]))
+    assert server.updates == 1 and server.workers[2].state == "queued"
+    _message(server, transport, SNAP, 1, 1)
+    snaps = [unpack(t) for dst, tag, t in transport.sent if tag == SNAP_DATA and dst == 1]
+    assert len(snaps) == 1 and snaps[0]["updates"] == 1
+    assert torch.equal(snaps[0]["params"], torch.tensor([-0.5, -0.5]))
+
+
 def test_staleness_bound_holds_a_fast_worker_back():
     """s = 1, worker 2 never pushes: worker 1's pulls are answered while it is at most one step
     ahead (clock rule) and its gradients applied while none would be more than one update stale."""

@@ -69,7 +69,7 @@ class ColocatedServer:
                     self.server.handle(msg)
                     self.server.progress()
                     self.server.busy_s += time.perf_counter() - t0
-        except BaseException as exc:  # noqa: BLE001 - handed to the worker thread (take, join)
+        except BaseException as exc:  # handed to the worker thread (take, join)
             self.error = exc
 
     # ------------------------------------------------------------------ the local worker's side

@@ -162,10 +162,12 @@ class Server:
                 moved = True
             if not moved:
                 break
-        queued = any(w.state == "queued" for w in self.workers.values())
+        # a snapshot for step c waits for the gradients of steps <= c only: a gradient of a later
+        # step may wait (at s = 0) for the writer itself, who is waiting for this snapshot
         slowest = self._slowest()
         for req in list(self.snap_requests):
-            if not queued and slowest >= req[1]:
+            behind = any(w.state == "queued" and w.clock <= req[1] for w in self.workers.values())
+            if not behind and slowest >= req[1]:
                 self.transport_snapshot(req[0])
                 self.snap_requests.remove(req)
 
