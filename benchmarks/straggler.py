@@ -242,9 +242,9 @@ def run(
             if name not in table:
                 continue
             for key, want in wants.items():
-                got = table[name].get(key)
-                checks.append({"run": name, "figure": key, "target": want, "median": got and got["median"],
-                               "min": got and got["min"], "max": got and got["max"],
+                got = table[name].get(key) or {}
+                checks.append({"run": name, "figure": key, "target": want, "median": got.get("median"),
+                               "min": got.get("min"), "max": got.get("max"),
                                "met": bool(got) and got["median"] >= want})
     result = {
         "benchmark": "straggler",
