@@ -401,6 +401,20 @@ def test_shard_by_bytes_is_a_balanced_partition():
     assert shard_by_bytes([8], 3) == [[0], [], []]
 
 
+def test_rank_layouts():
+    """Colocated: every rank trains and serves shard ``rank``; dedicated: servers 0..k-1 never
+    train, the workers split the data among themselves."""
+    from disttrain.strategies.parameter_server.layout import RankLayout
+
+    co = RankLayout.build("colocated", 3, None)
+    assert co.servers == co.workers == (0, 1, 2)
+    assert [co.data_shard(r) for r in range(3)] == [(0, 3), (1, 3), (2, 3)]
+    de = RankLayout.build("dedicated", 4, 2)
+    assert de.servers == (0, 1) and de.workers == (2, 3)
+    assert not de.trains(1) and de.serves(1) and de.trains(2) and not de.serves(2)
+    assert [de.data_shard(r) for r in (2, 3)] == [(0, 2), (1, 2)]
+
+
 @pytest.mark.timeout(180)
 def test_two_servers_split_and_reassemble_exactly():
     steps = 8
