@@ -52,7 +52,8 @@ class TrainerConfig:
     check_finite: bool = True
     check_in_sync: bool = True
     progress_bar: str | bool = "auto"
-    slowdown: dict[str, float] | None = field(default=None)  # {rank: r, factor: f}
+    # straggler experiments: {rank: r, factor: f, model: busy | idle}; see straggle()
+    slowdown: dict[str, Any] | None = field(default=None)
     save_on_preempt: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 75
     data_wait_warn_fraction: float | None = 0.2  # warn once when waiting on data exceeds this share of a step
     estimate_only: bool = False  # print the memory estimate (disttrain.estimate) and exit before training
@@ -100,8 +101,30 @@ class TrainerConfig:
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise bad("peak_flops", self.peak_flops, "must be > 0 FLOP/s per device, or null (known GPUs only)")
         if self.slowdown is not None:
-            if set(self.slowdown) != {"rank", "factor"} or float(self.slowdown["factor"]) < 1:
-                raise bad("slowdown", self.slowdown, "expected {rank: <int>, factor: <float >= 1>} or null")
+            sd = self.slowdown
+            if (not {"rank", "factor"} <= set(sd) <= {"rank", "factor", "model"} or float(sd["factor"]) < 1
+                    or sd.get("model", "busy") not in STRAGGLER_MODELS):
+                raise bad("slowdown", sd, "expected {rank: <int>, factor: <float >= 1>, model: busy | idle} or null "
+                                          "(model busy: extra compute on the shared cores; idle: the rank holds "
+                                          "without using the CPU, as a separate slower device would)")
+
+
+STRAGGLER_MODELS = ("busy", "idle")
+
+
+def straggle(extra_s: float, model: str = "busy") -> None:
+    """Make a step ``extra_s`` seconds longer. ``busy``: extra compute on this process's core (a
+    straggler sharing the machine's CPUs also slows the others). ``idle``: hold without using
+    the CPU, simulating a separate, slower device (on a cluster each worker has its own)."""
+    if extra_s <= 0:
+        return
+    if model == "idle":
+        time.sleep(extra_s)
+        return
+    a = torch.randn(64, 64)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < extra_s:
+        a = torch.tanh(a @ a)
 
 
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = {
@@ -414,17 +437,14 @@ class Trainer:
             )
 
     def _slow_down(self, phases: dict[str, float]) -> None:
-        """The straggler knob: make this rank's compute take ``factor`` times as long by doing
-        extra work (not sleeping, which would free the CPU for the others)."""
+        """The straggler knob: make this rank's compute take ``factor`` times as long, by extra
+        busy work (``model: busy``, the default) or by holding idle (``model: idle``)."""
         sd = self.cfg.slowdown
         if not sd or int(sd["rank"]) != self.s.rank:
             return
         compute = phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("compute", 0.0)
-        extra = (float(sd["factor"]) - 1.0) * compute
-        a = torch.randn(64, 64)
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < extra:
-            a = torch.tanh(a @ a)
+        straggle((float(sd["factor"]) - 1.0) * compute, str(sd.get("model", "busy")))
         self.s.timer.add("straggle", time.perf_counter() - t0)
 
     def _progress_bar(self, total: float) -> Any:

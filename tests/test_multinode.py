@@ -148,8 +148,9 @@ def files_under(path: Path) -> list[Path]:
 
 
 # strategy -> (its overrides, what a rank other than 0 may write). The parameter server runs
-# synchronously (max_staleness=0) so that its result is deterministic; by its design the first
-# worker (rank num_servers = 1, here on node 1) writes the checkpoints taken during training.
+# synchronously (max_staleness=0) so that its result is deterministic; colocated (the default),
+# each node's rank trains and serves one shard; with dedicated servers the first worker (rank
+# num_servers = 1, on node 1) would write the checkpoints taken during training.
 STRATEGIES = {
     "ddp": ([], ()),
     "parameter_server": (["strategy.max_staleness=0"], ("checkpoints",)),

@@ -34,12 +34,18 @@ def _optimizer(name: str, params):
     return torch.optim.SGD(params, lr=0.05) if name == "sgd" else torch.optim.Adam(params, lr=0.01)
 
 
-def _train_ps(num_servers: int, staleness, steps: int, opt: str, batch: int, slowdown=None) -> dict:
-    """One rank of a parameter-server run through the Trainer (the same code as strategy=ddp)."""
+def _layout(num_servers: int | None) -> dict:
+    """Strategy options: ``num_servers`` dedicated server ranks, or None: colocated servers."""
+    return {"servers": "colocated"} if num_servers is None else {"servers": "dedicated", "num_servers": num_servers}
+
+
+def _train_ps(num_servers: int | None, staleness, steps: int, opt: str, batch: int, slowdown=None) -> dict:
+    """One rank of a parameter-server run through the Trainer (the same code as strategy=ddp);
+    ``num_servers`` dedicated servers, or None: colocated."""
     from disttrain.session import Session
     from disttrain.trainer import Trainer, TrainerConfig
 
-    s = Session({"_target_": TARGET, "num_servers": num_servers, "max_staleness": staleness, "log_every_n_updates": 5},
+    s = Session({"_target_": TARGET, **_layout(num_servers), "max_staleness": staleness, "log_every_n_updates": 5},
                 seed=0)
     model = _model()
     optimizer = _optimizer(opt, model.parameters())
@@ -121,6 +127,78 @@ def test_two_workers_synchronous_has_zero_staleness_and_equals_global_batch():
             assert torch.equal(r["params"][k], server["params"][k]), k
     _assert_close(server["params"], _oracle(2, steps, "sgd", 32), atol=1e-5)
     assert all(r["steps"] == steps for r in results)  # the Trainer's step reaches servers too
+
+
+# ---------------------------------------------------------------------- colocated servers
+@pytest.mark.timeout(180)
+def test_colocated_two_ranks_synchronous_equals_ddp_on_the_gathered_batch():
+    """Two processes, each a worker and the server of one shard (on a thread): at s = 0 every
+    step is one averaged update of both workers' gradients on both shards, i.e. ddp / Adam on the
+    gathered batch; every rank ends with the same weights."""
+    steps = 10
+    results = run_distributed(_train_ps, 2, None, 0, steps, "adam", 32, timeout=150)
+    oracle = _oracle(2, steps, "adam", 32)
+    assert all(r["shards"] for r in results) and not any(r["server"] for r in results)  # both train and serve
+    assert sorted(i for sh in results[0]["shards"] for i in sh) == list(range(len(oracle)))
+    for r in results:
+        assert r["updates"] == steps and r["steps"] == steps
+        # this shard applied every worker's gradient of every step, each 0 stale
+        assert sorted(r["staleness"]) == [(w, c, 0) for w in (0, 1) for c in range(1, steps + 1)]
+        _assert_close(r["params"], oracle, atol=1e-5)
+        for k in r["params"]:
+            assert torch.equal(r["params"][k], results[0]["params"][k]), k
+    summary = results[0]["summary"]
+    assert summary["ps_servers"] == "colocated" and len(summary["ps_server_busy_s"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_colocated_one_process_is_plain_training():
+    """One process: no server thread, the user's optimizer steps (SGD and Adam alike)."""
+    results = run_distributed(_train_both, 1, timeout=100)
+    for opt in ("sgd", "adam"):
+        _assert_close(results[0][opt], _oracle(1, 6, opt, 32), atol=1e-6)
+
+
+def _train_both() -> dict:
+    return {opt: _train_ps(None, 0, 6, opt, 32)["params"] for opt in ("sgd", "adam")}
+
+
+@pytest.mark.timeout(180)
+def test_colocated_staleness_bound_is_enforced_with_an_idle_straggler():
+    """Rank 1 is slowed 4x (idle: it holds without using the CPU, as a slower device would): with
+    s = 1 no gradient is applied more than 1 update stale on either shard, the fast rank really
+    ran ahead (some gradients are 1 stale), every gradient is applied exactly once per shard,
+    and the per-worker wait and staleness figures reach the summary."""
+    steps = 16
+    slow = {"rank": 1, "factor": 4.0, "model": "idle"}
+    results = run_distributed(_train_ps, 2, None, 1, steps, "sgd", 16, slow, timeout=150)
+    for r in results:
+        stale = [st for *_, st in r["staleness"]]
+        assert sorted((w, c) for w, c, _ in r["staleness"]) == [(w, c) for w in (0, 1) for c in range(1, steps + 1)]
+        assert max(stale) == 1
+        for k in r["params"]:
+            assert torch.equal(r["params"][k], results[0]["params"][k])
+    summary = results[0]["summary"]
+    assert summary["ps_staleness_max"] == 1 and summary["ps_worker_wait_s"]
+
+
+def test_idle_straggler_leaves_the_cpu_free():
+    """The straggler models by construction: ``idle`` holds for the extra time using (almost) no
+    CPU, as a separate slower device would; ``busy`` spends it computing on this core."""
+    import time
+
+    from disttrain.trainer import straggle
+
+    def cpu_and_wall(model: str) -> tuple[float, float]:
+        c0, w0 = time.thread_time(), time.perf_counter()
+        straggle(0.4, model)
+        return time.thread_time() - c0, time.perf_counter() - w0
+
+    idle_cpu, idle_wall = cpu_and_wall("idle")
+    busy_cpu, busy_wall = cpu_and_wall("busy")
+    assert idle_wall >= 0.4 and busy_wall >= 0.4
+    assert idle_cpu < 0.05 * idle_wall, (idle_cpu, idle_wall)
+    assert busy_cpu > 5 * max(idle_cpu, 0.01), (busy_cpu, idle_cpu)
 
 
 class _FakeTransport:
@@ -209,6 +287,26 @@ def test_synchronous_update_waits_for_a_worker_between_a_flushed_push_and_its_ne
     assert _replies(transport) == [(2, 1), (1, 1), (1, 2), (2, 2)]
 
 
+def test_snapshot_is_not_held_behind_a_later_steps_gradient():
+    """s = 0, a checkpoint at step 1: both workers flush their step-1 gradients (one update), then
+    worker 2 pulls, computes and pushes step 2 before the writer's (worker 1's) snapshot request
+    arrives. Step 2's update waits for worker 1, who waits for the snapshot: the snapshot must be
+    answered now, with the state after step 1 (it waited for every queued gradient, the later
+    step's included: the mid-run checkpoint test hung under load when worker 2 was quicker)."""
+    from disttrain.strategies.parameter_server.protocol import PULL, PUSH, SNAP, SNAP_DATA, unpack
+
+    server, transport, _ = _server(max_staleness=0)
+    _message(server, transport, PUSH, 1, 1, torch.tensor([1.0, 0.0]))
+    _message(server, transport, PUSH, 2, 1, torch.tensor([0.0, 1.0]))
+    _message(server, transport, PULL, 2, 1)
+    _message(server, transport, PUSH | PULL, 2, 2, torch.tensor([0.0, 2.0]))
+    assert server.updates == 1 and server.workers[2].state == "queued"
+    _message(server, transport, SNAP, 1, 1)
+    snaps = [unpack(t) for dst, tag, t in transport.sent if tag == SNAP_DATA and dst == 1]
+    assert len(snaps) == 1 and snaps[0]["updates"] == 1
+    assert torch.equal(snaps[0]["params"], torch.tensor([-0.5, -0.5]))
+
+
 def test_staleness_bound_holds_a_fast_worker_back():
     """s = 1, worker 2 never pushes: worker 1's pulls are answered while it is at most one step
     ahead (clock rule) and its gradients applied while none would be more than one update stale."""
@@ -233,7 +331,7 @@ def _train_ps_checkpointed(run_dir: str, steps: int, resume: str | None) -> dict
     from disttrain.session import Session
     from disttrain.trainer import Trainer, TrainerConfig
 
-    s = Session({"_target_": TARGET, "num_servers": 1, "max_staleness": 0}, seed=0)
+    s = Session({"_target_": TARGET, "servers": "dedicated", "num_servers": 1, "max_staleness": 0}, seed=0)
     model = _model()
     cfg = TrainerConfig(max_epochs=100, max_steps=steps, checkpoint_every_n_steps=4, resume=resume,
                         log_every_n_steps=100, progress_bar=False)
@@ -307,6 +405,20 @@ def test_shard_by_bytes_is_a_balanced_partition():
     assert shard_by_bytes([8], 3) == [[0], [], []]
 
 
+def test_rank_layouts():
+    """Colocated: every rank trains and serves shard ``rank``; dedicated: servers 0..k-1 never
+    train, the workers split the data among themselves."""
+    from disttrain.strategies.parameter_server.layout import RankLayout
+
+    co = RankLayout.build("colocated", 3, None)
+    assert co.servers == co.workers == (0, 1, 2)
+    assert [co.data_shard(r) for r in range(3)] == [(0, 3), (1, 3), (2, 3)]
+    de = RankLayout.build("dedicated", 4, 2)
+    assert de.servers == (0, 1) and de.workers == (2, 3)
+    assert not de.trains(1) and de.serves(1) and de.trains(2) and not de.serves(2)
+    assert [de.data_shard(r) for r in (2, 3)] == [(0, 2), (1, 2)]
+
+
 @pytest.mark.timeout(180)
 def test_two_servers_split_and_reassemble_exactly():
     steps = 8
@@ -323,9 +435,11 @@ def test_two_servers_split_and_reassemble_exactly():
 @pytest.mark.parametrize(
     "options, world, needle",
     [
-        ({"num_servers": 2}, 2, "num_servers=2"),
-        ({"num_servers": 1}, 1, "no worker"),
-        ({"num_servers": 0}, 3, "num_servers=0"),
+        ({"servers": "dedicated", "num_servers": 2}, 2, "num_servers=2"),
+        ({"servers": "dedicated", "num_servers": 1}, 1, "no worker"),
+        ({"servers": "dedicated", "num_servers": 0}, 3, "num_servers=0"),
+        ({"num_servers": 2}, 2, "servers=dedicated"),  # colocated (the default) has one server per rank
+        ({"servers": "shared"}, 2, "servers='shared'"),
         ({"max_staleness": -1}, 3, "max_staleness=-1"),
         ({"max_staleness": 1.5}, 3, "max_staleness=1.5"),
     ],
@@ -339,7 +453,7 @@ def test_validate_rejects_bad_options(options, world, needle):
 @pytest.mark.timeout(120)
 def test_bad_config_fails_fast_on_every_rank(tmp_path):
     out = run_torchrun(
-        ["strategy=parameter_server", "strategy.num_servers=2", "data=synthetic", "model=linear", f"hydra.run.dir={tmp_path}"],
+        ["strategy=parameter_server", "strategy.servers=dedicated", "strategy.num_servers=2", "data=synthetic", "model=linear", f"hydra.run.dir={tmp_path}"],
         nproc=2, timeout=100,
     )
     assert out.returncode != 0
@@ -350,15 +464,19 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path):
 
 # ---------------------------------------------------------------------- real launch
 @pytest.mark.timeout(300)
-def test_digits_one_server_two_async_workers_torchrun(tmp_path):
+def test_digits_two_async_colocated_ranks_torchrun(tmp_path):
+    """The default layout (colocated: each rank trains and serves a shard) through the app: it
+    learns, checkpoints, and writes the staleness/wait/update-rate figures to the summary and TensorBoard."""
     out = run_torchrun(
         ["strategy=parameter_server", "strategy.max_staleness=null", "trainer.max_epochs=12",
          "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        nproc=3, timeout=280,
+        nproc=2, timeout=280,
     )
     assert out.returncode == 0, out.stdout[-4000:]
     summary = json.loads(Path(tmp_path, "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.93, summary
     assert "ps_staleness_hist" in summary and summary["ps_worker_samples_per_sec"]
+    assert summary["ps_servers"] == "colocated" and len(summary["ps_server_updates_per_sec"]) == 2
+    assert set(summary["ps_worker_wait_s"]) == {"0", "1"} or set(summary["ps_worker_wait_s"]) == {0, 1}
     assert list(Path(tmp_path, "checkpoints").glob("step_*.pt"))
     assert list(Path(tmp_path, "tensorboard").iterdir())

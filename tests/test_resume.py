@@ -24,13 +24,14 @@ from tests.test_checkpoint import _Payload
 
 # (name, strategy, options): strategies whose killed runs are resumed here
 RESUMABLE = [
-    ("ps", "parameter_server", {"num_servers": 1, "max_staleness": 0}),
+    ("ps", "parameter_server", {"servers": "dedicated", "num_servers": 1, "max_staleness": 0}),
+    ("ps-colocated", "parameter_server", {"servers": "colocated", "max_staleness": 0}),
     ("zero3", "deepspeed", {"zero_stage": 3}),
     ("horovod", "horovod", {"rendezvous_timeout_s": 15}),
 ]
 PAYLOAD = [
     ("ddp", "ddp", {}),
-    ("ps", "parameter_server", {"num_servers": 1, "max_staleness": 0}),
+    ("ps", "parameter_server", {"servers": "dedicated", "num_servers": 1, "max_staleness": 0}),
     ("zero1", "deepspeed", {"zero_stage": 1}),
     ("zero3", "deepspeed", {"zero_stage": 3}),
     ("pipeline", "model_parallel", {"microbatches": 2}),

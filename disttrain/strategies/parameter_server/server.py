@@ -99,13 +99,23 @@ class Server:
         self._last_log = (time.perf_counter(), self.updates)
         self.t_start = time.perf_counter()
         self.t_end: float | None = None
+        # where a server's time goes: handling messages (all of it), of which the optimizer
+        # (apply) and preparing and posting the answers (reply)
+        self.busy_s = self.apply_s = self.reply_s = 0.0
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> None:
         """Until every worker has said goodbye: receive a request, then do what it allows."""
         while not all(w.done for w in self.workers.values()):
-            self.handle(self.transport.recv_header(self.header_size))
+            msg = self.transport.recv_header(self.header_size)
+            t0 = time.perf_counter()
+            self.handle(msg)
             self.progress()
+            self.busy_s += time.perf_counter() - t0
+        self.finish()
+
+    def finish(self) -> None:
+        """After every worker's goodbye: complete the sends, check nothing is left, log."""
         self.transport.finish()
         self.t_end = time.perf_counter()
         stuck = [w.rank for w in self.workers.values() if w.state == "queued"]
@@ -152,10 +162,12 @@ class Server:
                 moved = True
             if not moved:
                 break
-        queued = any(w.state == "queued" for w in self.workers.values())
+        # a snapshot for step c waits for the gradients of steps <= c only: a gradient of a later
+        # step may wait (at s = 0) for the writer itself, who is waiting for this snapshot
         slowest = self._slowest()
         for req in list(self.snap_requests):
-            if not queued and slowest >= req[1]:
+            behind = any(w.state == "queued" and w.clock <= req[1] for w in self.workers.values())
+            if not behind and slowest >= req[1]:
                 self.transport_snapshot(req[0])
                 self.snap_requests.remove(req)
 
@@ -184,6 +196,7 @@ class Server:
 
     # ------------------------------------------------------------------ acts
     def apply(self, group: list[WorkerView]) -> None:
+        t0 = time.perf_counter()
         if self.numel:
             grad = group[0].grad if len(group) == 1 else torch.stack([w.grad for w in group]).mean(0)
             off = 0
@@ -203,10 +216,12 @@ class Server:
             w.state, w.grad = "idle", None
         self.version += 1
         self.updates += 1
+        self.apply_s += time.perf_counter() - t0
         if self.updates % self.log_every == 0:
             self._log()
 
     def reply(self, w: WorkerView) -> None:
+        t0 = time.perf_counter()
         buf = torch.empty(p.REPLY_PREFIX + self.numel, dtype=self.dtype)
         buf[0] = time.perf_counter() - (w.pull_since or time.perf_counter())
         buf[1] = self.version
@@ -214,6 +229,7 @@ class Server:
             buf[p.REPLY_PREFIX:] = self.flat()
         self.transport.send(w.rank, buf, p.PARAMS)
         w.state, w.version, w.pull_since = "computing", self.version, None
+        self.reply_s += time.perf_counter() - t0
 
     def transport_snapshot(self, dst: int) -> None:
         data = p.pack(self.snapshot())
@@ -244,7 +260,11 @@ class Server:
             "staleness": [st for *_, st in self.staleness_log],
             "updates": self.updates,
             "updates_per_sec": self.updates / active,
-            "workers": {w.rank: (w.samples, w.elapsed_s, w.wait_s, w.clock) for w in self.workers.values()},
+            "active_s": active,
+            "busy_s": self.busy_s,
+            "apply_s": self.apply_s,
+            "reply_s": self.reply_s,
+            "workers": {w.rank: (w.samples, w.elapsed_s, w.wait_s, w.clock, w.compute_s) for w in self.workers.values()},
         }
 
     def _log(self, final: bool = False) -> None:

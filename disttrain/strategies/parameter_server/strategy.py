@@ -1,9 +1,11 @@
-"""``strategy=parameter_server``: the Strategy hooks, each delegating to this rank's role object.
+"""``strategy=parameter_server``: the Strategy hooks, each delegating to this rank's role objects.
 
-One ``torchrun`` launch: ranks ``0..num_servers-1`` are servers (``server.Server``: a shard of the
-parameters and its optimizer), the rest workers (``worker.Client``: compute gradients on their
-own data shard, push them, pull fresh parameters, each at its own pace). How the shards are cut
-and what travels: ``protocol``. See docs/parameter_server.md.
+One ``torchrun`` launch. Servers (``server.Server``: a shard of the parameters and its optimizer)
+and workers (``worker.Client``: compute gradients on their own data shard, push them, pull fresh
+parameters, each at its own pace) are placed by ``layout.RankLayout``: ``colocated`` (every rank
+trains and hosts one shard on a thread, ``colocated.ColocatedServer``) or ``dedicated`` (ranks
+``0..num_servers-1`` only serve). How the shards are cut and what travels: ``protocol``. See
+docs/parameter_server.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import nn
 
 from disttrain.strategies.base import Batch, LossFn, Strategy, require
 from disttrain.strategies.parameter_server import protocol as p
+from disttrain.strategies.parameter_server.colocated import ColocatedServer, LocalTransport
+from disttrain.strategies.parameter_server.layout import KINDS, RankLayout
 from disttrain.strategies.parameter_server.server import Resume, Server
 from disttrain.strategies.parameter_server.worker import Client
 
@@ -32,19 +36,24 @@ T = TypeVar("T")
 
 
 class ParameterServerStrategy(Strategy):
-    """Parameter servers on ranks ``0..num_servers-1``, asynchronous workers on the rest, with the
-    staleness bound ``max_staleness`` (0: synchronous, equal to ddp; None: fully asynchronous)."""
+    """Parameter servers and asynchronous workers with the staleness bound ``max_staleness`` (0:
+    synchronous, equal to ddp; None: fully asynchronous). ``servers``: ``colocated`` (every rank
+    trains and serves one shard) or ``dedicated`` (ranks ``0..num_servers-1`` only serve)."""
 
     name = "parameter_server"
 
-    def __init__(self, num_servers: int = 1, max_staleness: int | None = 4, log_every_n_updates: int = 50) -> None:
+    def __init__(self, servers: str = "colocated", num_servers: int | None = None, max_staleness: int | None = 4,
+                 log_every_n_updates: int = 50) -> None:
         super().__init__()
+        self.servers_kind = servers
         self.num_servers = num_servers
         self.max_staleness = max_staleness
         self.log_every = log_every_n_updates
-        self.is_server = False
+        self.is_server = False  # a dedicated server rank: serves, never trains
+        self.ranks: RankLayout | None = None
         self.servers: list[int] = []
         self.workers: list[int] = []
+        self.host: ColocatedServer | None = None  # colocated: this process's shard, served on a thread
         self.layout: p.ShardLayout | None = None
         self.client: Client | None = None  # worker ranks
         self.server: Server | None = None  # server ranks, while and after serving
@@ -58,12 +67,25 @@ class ParameterServerStrategy(Strategy):
 
     # ------------------------------------------------------------------ config
     def validate(self, env: "DistEnv") -> None:
-        ns, s = self.num_servers, self.max_staleness
+        kind, ns, s = self.servers_kind, self.num_servers, self.max_staleness
         require(
-            isinstance(ns, int) and not isinstance(ns, bool) and ns >= 1,
-            f"strategy.num_servers={ns!r}: must be an integer >= 1 (ranks 0..num_servers-1 serve the "
-            f"parameters); e.g. strategy.num_servers=1",
+            kind in KINDS,
+            f"strategy.servers={kind!r}: expected colocated (every rank trains and hosts one server shard) or "
+            f"dedicated (ranks 0..num_servers-1 only serve); e.g. strategy.servers=colocated",
         )
+        if kind == "colocated":
+            require(
+                ns is None,
+                f"strategy.num_servers={ns!r} with strategy.servers=colocated: colocated servers are one per rank; "
+                f"for {ns} dedicated server ranks set strategy.servers=dedicated, or drop strategy.num_servers",
+            )
+        else:
+            ns = 1 if ns is None else ns
+            require(
+                isinstance(ns, int) and not isinstance(ns, bool) and ns >= 1,
+                f"strategy.num_servers={ns!r}: must be an integer >= 1 (ranks 0..num_servers-1 serve the "
+                f"parameters); e.g. strategy.num_servers=1",
+            )
         require(
             s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0),
             f"strategy.max_staleness={s!r}: must be an integer >= 0 (0 = synchronous, s = a worker may run "
@@ -73,6 +95,8 @@ class ParameterServerStrategy(Strategy):
             isinstance(self.log_every, int) and self.log_every >= 1,
             f"strategy.log_every_n_updates={self.log_every!r}: must be an integer >= 1",
         )
+        if kind == "colocated":
+            return
         require(
             ns < env.world_size,
             f"strategy.num_servers={ns} >= WORLD_SIZE={env.world_size} leaves no worker: ranks 0..{ns - 1} are "
@@ -84,25 +108,27 @@ class ParameterServerStrategy(Strategy):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, env: "DistEnv", device: torch.device, backend: str, timeout_s: float) -> None:
         super().setup(env, device, backend, timeout_s)
-        ns = self.num_servers
-        self.is_server = env.rank < ns
-        self.servers = list(range(ns))
-        self.workers = list(range(ns, env.world_size))
-        # every rank makes every group, in the same order
+        self.ranks = RankLayout.build(self.servers_kind, env.world_size, self.num_servers)
+        self.is_server = not self.ranks.trains(env.rank)
+        self.servers, self.workers = list(self.ranks.servers), list(self.ranks.workers)
+        if not env.is_distributed:  # one process: plain training
+            return
+        # every rank makes every group, in the same order. The messages have a gloo group of
+        # their own; colocated workers are every rank, so their collectives use the default group
         self._pg = dist.new_group(list(range(env.world_size)), backend="gloo")
-        self._worker_group = dist.new_group(self.workers)
+        if self.ranks.kind == "dedicated":
+            self._worker_group = dist.new_group(self.workers)
 
     def teardown(self) -> None:
         self._model = self._optimizer = None
-        self.client = self.server = None
+        self.client = self.server = self.host = None
 
     @property
     def distributed(self) -> bool:
         return self.env is not None and self.env.is_distributed
 
     def data_shard(self, env: "DistEnv") -> tuple[int, int]:
-        workers = env.world_size - int(self.num_servers)
-        return max(env.rank - int(self.num_servers), 0), max(workers, 1)
+        return RankLayout.build(self.servers_kind, env.world_size, self.num_servers).data_shard(env.rank)
 
     def eval_shard(self, env: "DistEnv") -> tuple[int, int]:
         if self._finished:  # every rank holds the final model: all of them evaluate
@@ -116,7 +142,7 @@ class ParameterServerStrategy(Strategy):
         if self.env is None:
             return True
         # during training only workers run the loop; the first one writes
-        return self.env.is_rank_zero if self._finished else self.env.rank == self.num_servers
+        return self.env.is_rank_zero if self._finished else bool(self.workers) and self.env.rank == self.workers[0]
 
     # ------------------------------------------------------------------ model
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
@@ -124,7 +150,7 @@ class ParameterServerStrategy(Strategy):
             raise ValueError("strategy=parameter_server needs an optimizer: the servers run it on their shards")
         model = model.to(self.device)
         self._model, self._optimizer = model, optimizer
-        self.layout = p.ShardLayout(list(model.parameters()), int(self.num_servers))
+        self.layout = p.ShardLayout(list(model.parameters()), max(len(self.servers), 1))
         if self.distributed and not self.is_server:
             self.client = Client(self.env.rank, self.servers, self.layout, self._pg, len(optimizer.param_groups),
                                  clock=self._resume.clock)
@@ -134,29 +160,42 @@ class ParameterServerStrategy(Strategy):
     def run(self, loop: Callable[[], T], logger: "RunLogger | None" = None) -> T | None:
         if not self.distributed:
             return loop()
-        if self.is_server:
-            self._serve(logger)
+        if self.is_server:  # dedicated: serve this rank's shard until every worker is done
+            self.server = self._make_server(p.C10dTransport(self._pg), logger)
+            self.server.serve()
+            self._take_back()
             return None
+        if self.servers_kind == "colocated":  # this rank's shard, served on a thread meanwhile
+            transport = LocalTransport(self._pg, self.env.rank)
+            self.server = self._make_server(transport, logger)
+            self.host = self.client.local = ColocatedServer(self.server, transport)
+            self.host.start()
         out = loop()
         self.client.exchange(pull=False, done=True)  # the last gradient, and goodbye
+        if self.host is not None:
+            self.host.join()
+            self._take_back()
         return out
 
-    def _serve(self, logger: "RunLogger | None") -> None:
-        """Serve this rank's shard until every worker is done, then hand the result back to the
-        model and the user's optimizer (``finish_training`` broadcasts them)."""
+    def _make_server(self, transport: p.Transport, logger: "RunLogger | None") -> Server:
+        """This rank's shard: copies of its parameters and a mirror of the user's optimizer."""
         me, layout, opt = self.env.rank, self.layout, self._optimizer
         mine = layout.shards[me]
         copies = [nn.Parameter(layout.params[i].detach().clone()) for i in mine]
-        self.server = Server(
+        return Server(
             copies, p.mirror_optimizer(opt, layout.params, mine, copies), self.workers, self.max_staleness,
-            p.C10dTransport(self._pg), len(opt.param_groups), dtype=layout.dtype, resume=self._resume,
+            transport, len(opt.param_groups), dtype=layout.dtype, resume=self._resume,
             indices=mine, log=_tensorboard(logger) if logger is not None else None, log_every=self.log_every,
         )
-        self.server.serve()
+
+    def _take_back(self) -> None:
+        """The served shard's result into the model and the user's optimizer (``finish_training``
+        then broadcasts every shard from its server)."""
+        mine, server = self.layout.shards[self.env.rank], self.server
         with torch.no_grad():
-            for i, c in zip(mine, copies):
-                layout.params[i].copy_(c)
-        p.set_optimizer_state(opt, layout.params, self.server.snapshot()["optimizer"])
+            for i, c in zip(mine, server.params):
+                self.layout.params[i].copy_(c)
+        p.set_optimizer_state(self._optimizer, self.layout.params, server.snapshot()["optimizer"])
 
     # ------------------------------------------------------------------ a worker's step
     def train_step(
@@ -251,12 +290,12 @@ class ParameterServerStrategy(Strategy):
             clock = int(ps["worker_clock"])
             if self.client is not None:
                 self.client.clock = clock
-            if self.is_server:
-                me = self.env.rank
+            me = self.env.rank
+            if me in self.servers:  # shard me is served by rank me
                 self._resume = Resume(int(ps["server_versions"][me]), int(ps["server_updates"][me]), clock)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"num_servers": int(self.num_servers)}
+        return {"servers": str(self.servers_kind), "num_servers": len(self.servers)}
 
     # ------------------------------------------------------------------ back together
     def finish_training(self, model: nn.Module) -> None:
@@ -288,6 +327,8 @@ class ParameterServerStrategy(Strategy):
                 if me != j:
                     p.set_optimizer_state(opt, layout.params, obj[0])
         mine = self.server.stats() if self.server is not None else (self.client.stats() if self.client else {})
+        if self.server is not None and self.client is not None:  # colocated: both roles here
+            mine["worker"] = self.client.stats()
         gathered: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(gathered, mine, group=self._pg)
         self._gathered = gathered
@@ -324,6 +365,12 @@ class ParameterServerStrategy(Strategy):
         workers = servers[0]["workers"]
         out["ps_worker_samples_per_sec"] = {r: round(v[0] / v[1], 1) if v[1] else 0.0 for r, v in workers.items()}
         out["ps_worker_wait_s"] = {r: round(v[2], 3) for r, v in workers.items()}
+        out["ps_worker_compute_s"] = {r: round(v[4], 3) for r, v in workers.items()}
+        # where the servers' time goes (per server: handling messages, of which optimizer, replies)
+        out["ps_servers"] = str(self.servers_kind)
+        out["ps_server_busy_s"] = [round(s["busy_s"], 3) for s in servers]
+        out["ps_server_apply_s"] = [round(s["apply_s"], 3) for s in servers]
+        out["ps_server_reply_s"] = [round(s["reply_s"], 3) for s in servers]
         return out
 
 

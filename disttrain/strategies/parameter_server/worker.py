@@ -18,11 +18,13 @@ import torch.distributed as dist
 from disttrain.strategies.parameter_server import protocol as p
 
 if TYPE_CHECKING:
+    from disttrain.strategies.parameter_server.colocated import ColocatedServer
     from disttrain.timing import StepTimer
 
 
 class Client:
-    """Worker ``rank``'s link to ``servers`` for the model parameters ``layout`` describes."""
+    """Worker ``rank``'s link to ``servers`` for the model parameters ``layout`` describes.
+    ``local``: the server shard hosted in this process (colocated layout), talked to directly."""
 
     def __init__(self, rank: int, servers: Sequence[int], layout: p.ShardLayout, group: Any, num_groups: int,
                  clock: int = 0) -> None:
@@ -36,6 +38,12 @@ class Client:
         self.pending: tuple[float, list[float]] | None = None  # (loss, lrs) of a gradient not yet pushed
         self.versions_seen: list[list[int]] = []  # per pull: the version received from each server
         self._replies = [torch.zeros(p.REPLY_PREFIX + n, dtype=layout.dtype) for n in layout.numel]
+        self.local: ColocatedServer | None = None  # set when this process's shard starts serving
+
+    @property
+    def remote(self) -> list[int]:
+        """The servers in other processes (every one but this rank's own shard, if colocated)."""
+        return [j for j in self.servers if self.local is None or j != self.rank]
 
     def header(self, flags: int, loss: float = float("nan"), lrs: Sequence[float] = ()) -> torch.Tensor:
         elapsed = time.perf_counter() - self.t_first if self.t_first is not None else 0.0
@@ -59,12 +67,13 @@ class Client:
             return False
         flags = (p.PUSH if pending is not None else 0) | (p.PULL if pull else 0) | (p.DONE if done else 0)
         t0 = time.perf_counter()
-        recvs = [dist.irecv(self._replies[j], src=j, group=self.group, tag=p.PARAMS) for j in self.servers] if pull else []
+        remote = self.remote
+        recvs = [dist.irecv(self._replies[j], src=j, group=self.group, tag=p.PARAMS) for j in remote] if pull else []
         if pending is not None:
             self.clock += 1
         loss, lrs = pending if pending is not None else (float("nan"), [])
         sends, keep = [], []
-        for j in self.servers:
+        for j in remote:
             hdr = self.header(flags, loss, lrs)
             keep.append(hdr)
             sends.append(dist.isend(hdr, dst=j, group=self.group, tag=p.HEADER))
@@ -72,10 +81,16 @@ class Client:
                 g = self.layout.flatten(j, grads=True)
                 keep.append(g)
                 sends.append(dist.isend(g, dst=j, group=self.group, tag=p.GRAD))
+        if self.local is not None:  # this process's shard: handed over directly
+            mine = self.rank
+            grad = self.layout.flatten(mine, grads=True) if pending is not None and self.layout.numel[mine] else None
+            self.local.submit(p.Header.decode(self.header(flags, loss, lrs)), grad)
         for w in sends:
             w.wait()
         t1 = time.perf_counter()
         if pull:
+            if self.local is not None:
+                self._replies[self.rank].copy_(self.local.take(p.PARAMS))
             for r in recvs:
                 r.wait()
             t2 = time.perf_counter()
@@ -101,9 +116,15 @@ class Client:
         """Every server's state for a checkpoint (answered once every worker's gradients up to
         this worker's clock are applied)."""
         hdr = self.header(p.SNAP)
-        sends = [dist.isend(hdr, dst=j, group=self.group, tag=p.HEADER) for j in self.servers]
+        sends = [dist.isend(hdr, dst=j, group=self.group, tag=p.HEADER) for j in self.remote]
+        if self.local is not None:
+            self.local.submit(p.Header.decode(hdr), None)
         snaps = []
         for j in self.servers:
+            if self.local is not None and j == self.rank:
+                self.local.take(p.SNAP_LEN)
+                snaps.append(p.unpack(self.local.take(p.SNAP_DATA)))
+                continue
             n = torch.zeros(1, dtype=torch.int64)
             dist.recv(n, src=j, group=self.group, tag=p.SNAP_LEN)
             data = torch.empty(int(n), dtype=torch.uint8)
