@@ -134,24 +134,11 @@ class DeepSpeedStrategy(Strategy):
             self._group_started = True
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # deepspeed.initialize insists on it
         logging.getLogger("DeepSpeed").setLevel(self.log_level.upper())
-        if self.shm_comm_op:
+        with self._comm_start():
             self._ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-            return
-        # DeepSpeed's CPU shared-memory allreduce op serves only ``inference_all_reduce``
-        # (DeepSpeed-Inference); training never calls it and falls back to torch's all_reduce
-        # without it. Not building it saves a ~35 s C++ compile on first use (and a stale-lock
-        # hang in torch_extensions if that compile is ever interrupted).
-        import importlib
 
-        # (not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch)
-        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-
-        build = ds_torch_comm.build_shm_op  # type: ignore[attr-defined]
-        ds_torch_comm.build_shm_op = lambda: None  # type: ignore[attr-defined]
-        try:
-            self._ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        finally:
-            ds_torch_comm.build_shm_op = build  # type: ignore[attr-defined]
+    def _comm_start(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.shm_comm_op else _without_shm_op()
 
     def teardown(self) -> None:
         if self._unwatch_clipping is not None:
@@ -187,9 +174,10 @@ class DeepSpeedStrategy(Strategy):
         """``deepspeed.initialize``. Returns the engine and the user's optimizer object (which
         DeepSpeed steps inside its ZeRO wrapper: LR schedulers built on it keep working)."""
         model = model.to(self.device)
-        self.engine, _, _, _ = self._ds.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config(), dist_init_required=False
-        )
+        with self._comm_start():  # initialize may start DeepSpeed's comm backend again
+            self.engine, _, _, _ = self._ds.initialize(
+                model=model, optimizer=optimizer, config=self.ds_config(), dist_init_required=False
+            )
         if self._unwatch_clipping is None:
             self._unwatch_clipping = watch_user_clipping(self.engine)
         return self.engine, optimizer
@@ -419,3 +407,22 @@ def watch_user_clipping(engine: Any) -> Any:
         clip_grad.clip_grad_norm_ = original
 
     return unwatch
+
+
+@contextlib.contextmanager
+def _without_shm_op() -> Iterator[None]:
+    """DeepSpeed's CPU shared-memory allreduce op serves only ``inference_all_reduce``
+    (DeepSpeed-Inference); training never calls it and falls back to torch's all_reduce without
+    it. Not building it saves a C++ compile of minutes on first use, and the hang on
+    torch_extensions' stale lock if that compile is ever interrupted (seen here: a killed test
+    run left the lock, and every later DeepSpeed start waited on it forever)."""
+    import importlib
+
+    # (not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch)
+    ds_torch_comm: Any = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch_comm.build_shm_op
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch_comm.build_shm_op = build

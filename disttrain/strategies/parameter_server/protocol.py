@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,16 @@ import torch.distributed as dist
 HEADER, GRAD, PARAMS, SNAP_LEN, SNAP_DATA = 11, 12, 13, 14, 15
 PUSH, PULL, DONE, SNAP = 1, 2, 4, 8
 REPLY_PREFIX = 2  # held_s, version
+
+
+def isend(tensor: torch.Tensor, dst: int, group: Any, tag: int) -> dist.Work:
+    """``dist.isend`` typed as it behaves here: every rank of ``group`` gets a request back."""
+    return cast(dist.Work, dist.isend(tensor, dst=dst, group=group, tag=tag))
+
+
+def irecv(tensor: torch.Tensor, src: int | None, group: Any, tag: int) -> dist.Work:
+    """``dist.irecv`` (``src=None``: from any rank), typed like ``isend``."""
+    return cast(dist.Work, dist.irecv(tensor, src=src, group=group, tag=tag))
 
 
 @dataclass
@@ -59,7 +69,8 @@ class Header:
     @classmethod
     def decode(cls, t: torch.Tensor) -> "Header":
         v = t.tolist()
-        return cls(int(v[0]), int(v[1]), int(v[2]), *(float(x) for x in v[3:8]),
+        return cls(int(v[0]), int(v[1]), int(v[2]), loss=float(v[3]), samples=float(v[4]),
+                   elapsed_s=float(v[5]), wait_s=float(v[6]), compute_s=float(v[7]),
                    lrs=[float(x) for x in v[cls.FIXED:] if not math.isnan(x)])
 
 
@@ -184,7 +195,7 @@ class C10dTransport:
 
     def recv_header(self, size: int) -> Header:
         buf = torch.zeros(size, dtype=torch.float64)
-        dist.irecv(buf, src=None, group=self.group, tag=HEADER).wait()
+        irecv(buf, None, self.group, HEADER).wait()
         return Header.decode(buf)
 
     def recv_grad(self, src: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -194,7 +205,7 @@ class C10dTransport:
 
     def send(self, dst: int, tensor: torch.Tensor, tag: int) -> None:
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        self._sends.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor))
+        self._sends.append((isend(tensor, dst, self.group, tag), tensor))
 
     def finish(self) -> None:
         for w, _ in self._sends:

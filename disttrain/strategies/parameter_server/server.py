@@ -198,7 +198,8 @@ class Server:
     def apply(self, group: list[WorkerView]) -> None:
         t0 = time.perf_counter()
         if self.numel:
-            grad = group[0].grad if len(group) == 1 else torch.stack([w.grad for w in group]).mean(0)
+            grads = [w.grad for w in group if w.grad is not None]  # every queued worker holds one
+            grad = grads[0] if len(grads) == 1 else torch.stack(grads).mean(0)
             off = 0
             for t in self.params:
                 t.grad = grad[off : off + t.numel()].view_as(t).to(t.device, t.dtype).clone()

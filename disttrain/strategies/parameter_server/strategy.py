@@ -65,6 +65,27 @@ class ParameterServerStrategy(Strategy):
         self._finished = False
         self._gathered: list[dict[str, Any]] | None = None
 
+    # ------------------------------------------------------------------ what setup and wrap provide
+    @property
+    def _dist(self) -> "DistEnv":
+        return _ready(self.env, "setup()")
+
+    @property
+    def _shards(self) -> p.ShardLayout:
+        return _ready(self.layout, "the model is prepared")
+
+    @property
+    def _opt(self) -> torch.optim.Optimizer:
+        return _ready(self._optimizer, "the model is prepared")
+
+    @property
+    def _client(self) -> Client:
+        return _ready(self.client, "the model is prepared (training ranks only)")
+
+    @property
+    def _serving(self) -> Server:
+        return _ready(self.server, "serving starts (server shards only)")
+
     # ------------------------------------------------------------------ config
     def validate(self, env: "DistEnv") -> None:
         kind, ns, s = self.servers_kind, self.num_servers, self.max_staleness
@@ -97,6 +118,7 @@ class ParameterServerStrategy(Strategy):
         )
         if kind == "colocated":
             return
+        assert ns is not None  # dedicated: defaulted to 1 above
         require(
             ns < env.world_size,
             f"strategy.num_servers={ns} >= WORLD_SIZE={env.world_size} leaves no worker: ranks 0..{ns - 1} are "
@@ -152,7 +174,7 @@ class ParameterServerStrategy(Strategy):
         self._model, self._optimizer = model, optimizer
         self.layout = p.ShardLayout(list(model.parameters()), max(len(self.servers), 1))
         if self.distributed and not self.is_server:
-            self.client = Client(self.env.rank, self.servers, self.layout, self._pg, len(optimizer.param_groups),
+            self.client = Client(self._dist.rank, self.servers, self._shards, self._pg, len(optimizer.param_groups),
                                  clock=self._resume.clock)
         return model, optimizer
 
@@ -166,12 +188,12 @@ class ParameterServerStrategy(Strategy):
             self._take_back()
             return None
         if self.servers_kind == "colocated":  # this rank's shard, served on a thread meanwhile
-            transport = LocalTransport(self._pg, self.env.rank)
+            transport = LocalTransport(self._pg, self._dist.rank)
             self.server = self._make_server(transport, logger)
-            self.host = self.client.local = ColocatedServer(self.server, transport)
+            self.host = self._client.local = ColocatedServer(self._serving, transport)
             self.host.start()
         out = loop()
-        self.client.exchange(pull=False, done=True)  # the last gradient, and goodbye
+        self._client.exchange(pull=False, done=True)  # the last gradient, and goodbye
         if self.host is not None:
             self.host.join()
             self._take_back()
@@ -179,7 +201,7 @@ class ParameterServerStrategy(Strategy):
 
     def _make_server(self, transport: p.Transport, logger: "RunLogger | None") -> Server:
         """This rank's shard: copies of its parameters and a mirror of the user's optimizer."""
-        me, layout, opt = self.env.rank, self.layout, self._optimizer
+        me, layout, opt = self._dist.rank, self._shards, self._opt
         mine = layout.shards[me]
         copies = [nn.Parameter(layout.params[i].detach().clone()) for i in mine]
         return Server(
@@ -191,11 +213,11 @@ class ParameterServerStrategy(Strategy):
     def _take_back(self) -> None:
         """The served shard's result into the model and the user's optimizer (``finish_training``
         then broadcasts every shard from its server)."""
-        mine, server = self.layout.shards[self.env.rank], self.server
+        mine, server = self._shards.shards[self._dist.rank], self._serving
         with torch.no_grad():
             for i, c in zip(mine, server.params):
-                self.layout.params[i].copy_(c)
-        p.set_optimizer_state(self._optimizer, self.layout.params, server.snapshot()["optimizer"])
+                self._shards.params[i].copy_(c)
+        p.set_optimizer_state(self._opt, self._shards.params, server.snapshot()["optimizer"])
 
     # ------------------------------------------------------------------ a worker's step
     def train_step(
@@ -256,8 +278,8 @@ class ParameterServerStrategy(Strategy):
         self.barrier()  # every worker's pending gradient is on its way to the servers
         if not self.writes_checkpoint():
             return super().state_dict(model, optimizer)
-        layout = self.layout
-        snaps = self.client.snapshot()
+        layout = self._shards
+        snaps = self._client.snapshot()
         current = [q.detach().clone() for q in layout.params]
         opt_state = dict(optimizer.state) if optimizer is not None else {}
         try:
@@ -272,7 +294,7 @@ class ParameterServerStrategy(Strategy):
                 "parameter_server": {
                     "server_updates": [snap["updates"] for snap in snaps],
                     "server_versions": [snap["version"] for snap in snaps],
-                    "worker_clock": self.client.clock,  # every worker's, after the barrier
+                    "worker_clock": self._client.clock,  # every worker's, after the barrier
                 },
             }
         finally:  # this worker goes on with the parameters it was sent (its staleness bookkeeping)
@@ -303,7 +325,7 @@ class ParameterServerStrategy(Strategy):
         if self._finished or not self.distributed:
             self._finished = True
             return
-        me, layout = self.env.rank, self.layout
+        me, layout = self._dist.rank, self._shards
         for j in self.servers:
             if not layout.numel[j]:
                 continue
@@ -329,7 +351,7 @@ class ParameterServerStrategy(Strategy):
         mine = self.server.stats() if self.server is not None else (self.client.stats() if self.client else {})
         if self.server is not None and self.client is not None:  # colocated: both roles here
             mine["worker"] = self.client.stats()
-        gathered: list[Any] = [None] * self.env.world_size
+        gathered: list[Any] = [None] * self._dist.world_size
         dist.all_gather_object(gathered, mine, group=self._pg)
         self._gathered = gathered
         self._finished = True
@@ -383,3 +405,9 @@ def _tensorboard(logger: "RunLogger") -> Callable[[dict[str, float], list[int], 
             logger.histogram(step, "ps/staleness_all" if final else "ps/staleness", staleness)
 
     return write
+
+
+def _ready(value: T | None, what: str) -> T:
+    if value is None:
+        raise RuntimeError(f"strategy=parameter_server: used before {what}")
+    return value

@@ -68,7 +68,7 @@ class Client:
         flags = (p.PUSH if pending is not None else 0) | (p.PULL if pull else 0) | (p.DONE if done else 0)
         t0 = time.perf_counter()
         remote = self.remote
-        recvs = [dist.irecv(self._replies[j], src=j, group=self.group, tag=p.PARAMS) for j in remote] if pull else []
+        recvs = [p.irecv(self._replies[j], j, self.group, p.PARAMS) for j in remote] if pull else []
         if pending is not None:
             self.clock += 1
         loss, lrs = pending if pending is not None else (float("nan"), [])
@@ -76,11 +76,11 @@ class Client:
         for j in remote:
             hdr = self.header(flags, loss, lrs)
             keep.append(hdr)
-            sends.append(dist.isend(hdr, dst=j, group=self.group, tag=p.HEADER))
+            sends.append(p.isend(hdr, j, self.group, p.HEADER))
             if pending is not None and self.layout.numel[j]:
                 g = self.layout.flatten(j, grads=True)
                 keep.append(g)
-                sends.append(dist.isend(g, dst=j, group=self.group, tag=p.GRAD))
+                sends.append(p.isend(g, j, self.group, p.GRAD))
         if self.local is not None:  # this process's shard: handed over directly
             mine = self.rank
             grad = self.layout.flatten(mine, grads=True) if pending is not None and self.layout.numel[mine] else None
@@ -116,7 +116,7 @@ class Client:
         """Every server's state for a checkpoint (answered once every worker's gradients up to
         this worker's clock are applied)."""
         hdr = self.header(p.SNAP)
-        sends = [dist.isend(hdr, dst=j, group=self.group, tag=p.HEADER) for j in self.remote]
+        sends = [p.isend(hdr, j, self.group, p.HEADER) for j in self.remote]
         if self.local is not None:
             self.local.submit(p.Header.decode(hdr), None)
         snaps = []
