@@ -17,7 +17,10 @@ from torch import nn
 from tests.distributed import ROOT, free_port, run_distributed
 
 # strategy -> options (JSON, as a launcher would pass them): every exact data-parallel engine
-ADAPTED = {"ddp": None, "deepspeed": '{"zero_stage": 1}', "fsdp": None, "horovod": None}
+# (the parameter server at staleness 0, with its shards served on a thread of each rank, is
+# synchronous: it equals the oracle too)
+ADAPTED = {"ddp": None, "deepspeed": '{"zero_stage": 1}', "fsdp": None, "horovod": None,
+           "parameter_server": '{"max_staleness": 0}'}
 
 
 def _use_port(offset: int) -> None:

@@ -63,6 +63,8 @@ class ParameterServerStrategy(Strategy):
         self._worker_group: Any = None  # workers: their collectives during training
         self._resume = Resume()
         self._finished = False
+        self._served = False  # colocated: this rank's worker has said goodbye
+        self._in_run = False  # inside run(): dedicated servers are serving
         self._gathered: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ what setup and wrap provide
@@ -142,6 +144,11 @@ class ParameterServerStrategy(Strategy):
             self._worker_group = dist.new_group(self.workers)
 
     def teardown(self) -> None:
+        if self.host is not None and not self._served:  # the plug-in face: the user's loop is over
+            try:
+                self._stop_serving()
+            except Exception as exc:  # a peer already gone: nothing left to serve
+                log.warning("parameter_server: ending this rank's server shard: %s", exc)
         self._model = self._optimizer = None
         self.client = self.server = self.host = None
 
@@ -178,6 +185,27 @@ class ParameterServerStrategy(Strategy):
                                  clock=self._resume.clock)
         return model, optimizer
 
+    def _ensure_serving(self, logger: "RunLogger | None" = None) -> None:
+        """Colocated: start serving this rank's shard, once, with the model as it is now (after
+        any resume). The Trainer's ``run`` starts it; a plain plug-in loop (prepare, backward,
+        step) starts it at its first step, and ``close``/``finish_training`` end it."""
+        if self.servers_kind != "colocated" or self.client is None or self.host is not None:
+            return
+        transport = LocalTransport(self._pg, self._dist.rank)
+        self.server = self._make_server(transport, logger)
+        self.host = self._client.local = ColocatedServer(self._serving, transport)
+        self._served = False
+        self.host.start()
+
+    def _stop_serving(self) -> None:
+        """Colocated: this worker's last gradient and goodbye; then serve the others until they
+        are done too, and take this rank's shard back into the model."""
+        self._served = True
+        self._client.exchange(pull=False, done=True)
+        if self.host is not None:
+            self.host.join()
+            self._take_back()
+
     # ------------------------------------------------------------------ roles
     def run(self, loop: Callable[[], T], logger: "RunLogger | None" = None) -> T | None:
         if not self.distributed:
@@ -187,16 +215,10 @@ class ParameterServerStrategy(Strategy):
             self.server.serve()
             self._take_back()
             return None
-        if self.servers_kind == "colocated":  # this rank's shard, served on a thread meanwhile
-            transport = LocalTransport(self._pg, self._dist.rank)
-            self.server = self._make_server(transport, logger)
-            self.host = self._client.local = ColocatedServer(self._serving, transport)
-            self.host.start()
+        self._ensure_serving(logger)
+        self._in_run = True
         out = loop()
-        self._client.exchange(pull=False, done=True)  # the last gradient, and goodbye
-        if self.host is not None:
-            self.host.join()
-            self._take_back()
+        self._stop_serving()
         return out
 
     def _make_server(self, transport: p.Transport, logger: "RunLogger | None") -> Server:
@@ -232,6 +254,7 @@ class ParameterServerStrategy(Strategy):
         client = self.client
         if client is None:  # one process: plain training
             return super().train_step(model, optimizer, micro_batches, loss_fn, grad_clip, timer)
+        self._ensure_serving()
         client.exchange(pull=True, timer=timer)  # push the previous gradient, pull fresh parameters
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -245,10 +268,17 @@ class ParameterServerStrategy(Strategy):
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         """Plug-in face (``ds.step()``): push this gradient and pull fresh parameters now."""
+        if self.distributed and self.servers_kind == "dedicated" and not self._in_run:
+            raise RuntimeError(
+                "strategy=parameter_server with servers=dedicated: the server ranks serve only inside "
+                "ds.run(loop) (wrap the training loop in a function and call ds.run on every rank, then "
+                "ds.finish_training()); or use servers=colocated (the default), which runs the loop as it is"
+            )
         if self.client is None:
             return super().optimizer_step(model, optimizer, grad_clip)
         if grad_clip:
             self.clip_grad_norm(model, grad_clip)
+        self._ensure_serving()
         self.client.push_later(float("nan"), [g["lr"] for g in optimizer.param_groups], 0, 0.0)
         self.client.exchange(pull=True)
 
@@ -270,6 +300,12 @@ class ParameterServerStrategy(Strategy):
         return {"ps/wait_ms_per_step": 1e3 * self.client.wait_s / max(self.client.clock, 1)}
 
     # ------------------------------------------------------------------ checkpoints
+    def export_state_dict(self, model: nn.Module) -> dict[str, Any] | None:
+        """During training, the servers' current parameters (fetched as for a checkpoint:
+        collective over the workers, every gradient pushed so far applied); after, the model."""
+        state = self.state_dict(model, None)["model"]
+        return state if self.env is None or self.env.is_rank_zero else None
+
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """During training (called by every worker): the servers' current parameters and optimizer
         state, fetched by the writing worker after all workers' gradients up to now are applied."""
@@ -279,6 +315,7 @@ class ParameterServerStrategy(Strategy):
         if not self.writes_checkpoint():
             return super().state_dict(model, optimizer)
         layout = self._shards
+        self._ensure_serving()
         snaps = self._client.snapshot()
         current = [q.detach().clone() for q in layout.params]
         opt_state = dict(optimizer.state) if optimizer is not None else {}
@@ -325,6 +362,8 @@ class ParameterServerStrategy(Strategy):
         if self._finished or not self.distributed:
             self._finished = True
             return
+        if self.host is not None and not self._served:  # the plug-in face, after the user's loop
+            self._stop_serving()
         me, layout = self._dist.rank, self._shards
         for j in self.servers:
             if not layout.numel[j]:
