@@ -17,6 +17,7 @@ STRATEGIES = {
     "ddp": [],
     "fsdp": ["strategy.wrap=[Block]"],
     "model_parallel": [],  # placement: auto splits the GPT by measured cost
+    "parameter_server": [],  # colocated shards, staleness 4
 }
 
 
