@@ -307,7 +307,7 @@ def print_estimate(cfg: DictConfig, strategy: Any, env: DistEnv, train_data: Any
 
     rows = estimate.estimate(cfg, strategy, env, train_data)
     if env.is_rank_zero:
-        print(estimate.report(rows, strategy, env, int(cfg.data.batch_size) // strategy.data_shard(env)[1]), flush=True)
+        print(estimate.report(rows, strategy, env, estimate.micro_batch(cfg, strategy, env)), flush=True)
     return {"memory_estimate": [r.as_dict() for r in rows]}
 
 

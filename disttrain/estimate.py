@@ -11,8 +11,15 @@ over the ranks, from its documented options only:
   parameters gathered at a time, not counted).
 * deepspeed: ZeRO-1 shards O, ZeRO-2 also G, ZeRO-3 also P, over every rank; ZeRO-3 also
   allocates its reduce bucket up front (``reduce_bucket_size`` fp32 elements, 5e8 by default).
-* parameter_server: ``num_servers`` servers each hold 1/num_servers of P and O (sharded by bytes)
-  and receive that share of G; every worker holds P + G + A and no optimizer state.
+* parameter_server (disttrain/strategies/parameter_server/memory.py): the real shard assignment
+  over the meta model's parameters (whole tensors, so shards are uneven). ``servers=colocated``:
+  rank r holds P + G + A as a worker and shard r's parameters, gradient and optimizer state;
+  ``servers=dedicated``: server j holds shard j (its P, G, O), every worker P + G + A.
+* model_parallel (disttrain/strategies/model_parallel/memory.py): one row per pipeline rank (its
+  data-parallel replicas alike): its stages' P, G, O and one micro-batch's activations (batch /
+  dp / microbatches samples) times the micro-batches the schedule keeps in flight, from the
+  strategy's own cost model. A placement of names or split_points is profiled on the meta device;
+  ``placement: auto`` on a real CPU stand-in of the model (its split depends on measured time).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from omegaconf import DictConfig
@@ -32,14 +40,39 @@ from disttrain.footprint import Footprint, RankEstimate, for_rank, measure, tabl
 log = logging.getLogger("disttrain")
 
 
+@dataclass
+class Subject:
+    """The model as the layouts that need more than the totals see it: built on the meta device,
+    one micro-batch (real tensors, from the data), the loss, the user's optimizer over the meta
+    parameters, and each parameter's bytes (in ``model.parameters()`` order)."""
+
+    skeleton: Any
+    inputs: Any
+    targets: Any
+    loss_fn: Any
+    optimizer: Any
+    param_bytes: list[int]
+    grad_bytes: list[int]
+    optim_bytes: list[int]
+
+
+Layout = Callable[[Any, Footprint, int, "Subject | None"], list[RankEstimate]]
+
+
+def _needs(subject: Subject | None, name: str) -> Subject:
+    if subject is None:
+        raise ConfigError(f"strategy={name}: its estimate needs the model (estimate.estimate / python -m disttrain.estimate)")
+    return subject
+
+
 # ---------------------------------------------------------------------- layouts
-def _replicated(name: str) -> Callable[[Any, Footprint, int], list[RankEstimate]]:
-    def layout(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
+def _replicated(name: str) -> Layout:
+    def layout(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
         return [RankEstimate(name, (0, world - 1), fp.params, fp.grads, fp.optimizer, fp.activations)]
     return layout
 
 
-def _fsdp(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
+def _fsdp(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
     shards = world // int(getattr(strategy, "replicate_size", 1) or 1)
     return [RankEstimate(f"fsdp (1/{shards} shards)", (0, world - 1), fp.params / shards, fp.grads / shards,
                          fp.optimizer / shards, fp.activations, note="+ one block's gathered parameters")]
@@ -48,7 +81,7 @@ def _fsdp(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 
 
-def _deepspeed(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
+def _deepspeed(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
     stage = int(strategy.zero_stage)
     part = lambda b, from_stage: b / world if stage >= from_stage else b  # noqa: E731
     # ZeRO-3 allocates its gradient reduce bucket up front: reduce_bucket_size fp32 elements
@@ -60,55 +93,88 @@ def _deepspeed(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
                          note="buffers: the reduce bucket (strategy.config.zero_optimization.reduce_bucket_size)" if bucket else "")]
 
 
-def _parameter_server(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
-    ns = int(strategy.num_servers)
-    return [
-        RankEstimate(f"server (1/{ns} shard)", (0, ns - 1), fp.params / ns, fp.grads / ns, fp.optimizer / ns, 0.0,
-                     in_flight=0),
-        RankEstimate("worker", (ns, world - 1), fp.params, fp.grads, 0.0, fp.activations),
-    ]
+def _parameter_server(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
+    from disttrain.strategies.parameter_server import memory
+    from disttrain.strategies.parameter_server.layout import RankLayout
+    from disttrain.strategies.parameter_server.protocol import ShardLayout
+
+    if world == 1:  # one process: no server, plain training with the user's optimizer
+        return _replicated("single (no server)")(strategy, fp, world)
+    sub = _needs(subject, "parameter_server")
+    ranks = RankLayout.build(strategy.servers_kind, world, strategy.num_servers)
+    shards = ShardLayout(list(sub.skeleton.parameters()), len(ranks.servers)).shards
+    return memory.rank_estimates(ranks.kind, world, shards, sub.param_bytes, sub.grad_bytes, sub.optim_bytes,
+                                 fp.activations)
 
 
-LAYOUTS: dict[str, Callable[[Any, Footprint, int], list[RankEstimate]]] = {
+def _model_parallel(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
+    from disttrain.strategies.model_parallel import memory
+
+    sub = _needs(subject, "model_parallel")
+    opts = strategy.role.opts
+    costs, cuts = memory.stages(opts, sub.skeleton, sub.inputs, sub.targets, sub.loss_fn, sub.optimizer)
+    return memory.rank_estimates(opts, costs, cuts, world)
+
+
+LAYOUTS: dict[str, Layout] = {
     "single": _replicated("single"),
     "ddp": _replicated("ddp (replica)"),
     "horovod": _replicated("horovod (replica)"),
     "fsdp": _fsdp,
     "deepspeed": _deepspeed,
     "parameter_server": _parameter_server,
+    "model_parallel": _model_parallel,
 }
 
 
-def layout(strategy: Any, fp: Footprint, world: int) -> list[RankEstimate]:
+def layout(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
     """Per-rank estimates of ``fp`` under ``strategy`` at ``world`` ranks."""
     fn = LAYOUTS.get(strategy.name)
     if fn is None:
         raise ConfigError(f"strategy={strategy.name}: no memory estimate for it yet (estimated: {sorted(LAYOUTS)})")
-    return fn(strategy, fp, world)
+    if strategy.name == "model_parallel" and world == 1:
+        raise ConfigError("strategy=model_parallel in one process (stages over devices) is not estimated yet: estimate "
+                          "the pipeline over processes (--world-size K, strategy.pipeline_size=K)")
+    return fn(strategy, fp, world, subject)
 
 
 # ---------------------------------------------------------------------- from a composed config
-def footprint(cfg: DictConfig, train_data: Any, micro_batch: int) -> Footprint:
+def footprint(cfg: DictConfig, train_data: Any, micro_batch: int) -> tuple[Footprint, Subject]:
     """The whole model's footprint for the composed config: the model built on the meta device,
     the real optimizer stepped on it, one micro-batch of ``train_data``'s first samples."""
     import torch
     from torch.utils.data import default_collate
 
     from disttrain.cli import build_optimizer
+    from disttrain.footprint import optimizer_state_by_param
     from disttrain.registry import instantiate
 
     with torch.device("meta"):
         model = instantiate(cfg.model, "model")
     inputs, targets = default_collate([train_data[i] for i in range(micro_batch)])[:2]
     loss_fn = instantiate(cfg.data.loss, "data.loss") if cfg.data.get("loss") else None
-    return measure(model, lambda m: build_optimizer(cfg.optimizer, m), inputs, targets, loss_fn, micro_batch)
+    make = lambda m: build_optimizer(cfg.optimizer, m)  # noqa: E731
+    fp = measure(model, make, inputs, targets, loss_fn, micro_batch)
+    params = list(model.parameters())
+    subject = Subject(model, inputs, targets, loss_fn, make(model), [p.numel() * p.element_size() for p in params],
+                      [p.numel() * p.element_size() if p.requires_grad else 0 for p in params],
+                      optimizer_state_by_param(model, make))
+    return fp, subject
+
+
+def micro_batch(cfg: DictConfig, strategy: Any, env: DistEnv) -> int:
+    """Samples per micro-batch on one rank: the batch over the data-parallel ranks, and over the
+    pipeline's micro-batches under model_parallel."""
+    micro = int(cfg.data.batch_size) // strategy.data_shard(env)[1]
+    if strategy.name == "model_parallel":
+        micro //= int(strategy.role.opts.microbatches)
+    return micro
 
 
 def estimate(cfg: DictConfig, strategy: Any, env: DistEnv, train_data: Any) -> list[RankEstimate]:
     """Every rank's estimate for this job (``strategy`` validated for ``env``)."""
-    dp = strategy.data_shard(env)[1]
-    micro = int(cfg.data.batch_size) // dp
-    return layout(strategy, footprint(cfg, train_data, micro), env.world_size)
+    fp, subject = footprint(cfg, train_data, micro_batch(cfg, strategy, env))
+    return layout(strategy, fp, env.world_size, subject)
 
 
 def report(rows: list[RankEstimate], strategy: Any, env: DistEnv, fp_micro: int) -> str:
@@ -121,12 +187,29 @@ def watch(cfg: DictConfig, strategy: Any, env: DistEnv, train_data: Any, device:
     the meta device (a data-dependent forward): the run goes on, saying why."""
     from disttrain.footprint import MemoryWatch
 
+    counted = None
+    if strategy.name == "model_parallel":
+        opts = getattr(strategy.role, "opts", None)
+        if opts is None or env.world_size == 1 or (opts.specs is None and opts.split_points is None):
+            log.info("memory estimate: not compared in this run (model_parallel in one process, or placement: auto, "
+                     "whose own report compares its prediction with the measurement)")
+            return None
+        counted = lambda: _pipeline_counted(strategy, env.rank % opts.pipeline_size)  # noqa: E731
     try:
         mine = for_rank(estimate(cfg, strategy, env, train_data), env.rank)
     except Exception as exc:  # an estimate must never stop a run
         log.info("memory estimate unavailable (%s: %s)", type(exc).__name__, str(exc)[:200])
         return None
-    return MemoryWatch(mine, device) if mine is not None else None
+    return MemoryWatch(mine, device, counted=counted) if mine is not None else None
+
+
+def _pipeline_counted(strategy: Any, pp_rank: int) -> tuple[float, float] | None:
+    """This pipeline rank's measured bytes from the strategy's own report (its tensors)."""
+    rows = strategy.memory_report()
+    if not rows or pp_rank >= len(rows):
+        return None
+    row = rows[pp_rank]
+    return row["params"] + row["grads"] + row.get("optimizer", 0.0), row["activations_peak"]
 
 
 # ---------------------------------------------------------------------- the command
@@ -152,7 +235,7 @@ def run(overrides: list[str], world_size: int) -> tuple[list[RankEstimate], str]
     strategy, _ = validate(cfg, env)
     train_data, _ = build_data(cfg)
     rows = estimate(cfg, strategy, env, train_data)
-    return rows, report(rows, strategy, env, int(cfg.data.batch_size) // strategy.data_shard(env)[1])
+    return rows, report(rows, strategy, env, micro_batch(cfg, strategy, env))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,16 +48,24 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def optimizer_state_bytes(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> int:
-    """Bytes of state ``make_optimizer(model)`` keeps after one step, counted on meta tensors."""
+def optimizer_state_by_param(model: nn.Module,
+                             make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> list[int]:
+    """Bytes of state ``make_optimizer(model)`` keeps after one step for each of
+    ``model.parameters()`` (in that order), counted on meta tensors."""
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     optimizer = make_optimizer(model)
     optimizer.step()
-    total = sum(_tensor_bytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    out = [sum(_tensor_bytes(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+           for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    return total
+    return out
+
+
+def optimizer_state_bytes(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> int:
+    """Bytes of state ``make_optimizer(model)`` keeps after one step, counted on meta tensors."""
+    return sum(optimizer_state_by_param(model, make_optimizer))
 
 
 def activation_bytes(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[..., torch.Tensor] | None) -> int:
@@ -99,7 +107,10 @@ def measure(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.
 @dataclass(frozen=True)
 class RankEstimate:
     """One rank's bytes under a strategy. ``in_flight``: micro-batches whose activations are
-    alive at once (1 for data parallel; a pipeline stage holds several)."""
+    alive at once (1 for data parallel; a pipeline stage holds several). ``step``: the ranks
+    ``ranks[0], ranks[0] + step, ... ranks[1]`` hold it (a pipeline stage's data-parallel
+    replicas). ``activations_peak``: the bytes of activations alive at the worst moment when that
+    is not ``activations x in_flight`` (a pipeline rank holding stages of unequal activations)."""
 
     role: str
     ranks: tuple[int, int]  # first and last rank (inclusive) with this estimate
@@ -110,14 +121,34 @@ class RankEstimate:
     in_flight: int = 1
     buffers: float = 0.0  # what the engine allocates beside the model states (communication buckets)
     note: str = ""
+    step: int = 1
+    activations_peak: float | None = None
 
     @property
     def states(self) -> float:
         return self.params + self.grads + self.optimizer + self.buffers
 
     @property
+    def live_activations(self) -> float:
+        """Activation bytes alive at the peak."""
+        return self.activations * self.in_flight if self.activations_peak is None else self.activations_peak
+
+    @property
     def total(self) -> float:
-        return self.states + self.activations * self.in_flight
+        return self.states + self.live_activations
+
+    def holds(self, rank: int) -> bool:
+        return self.ranks[0] <= rank <= self.ranks[1] and (rank - self.ranks[0]) % self.step == 0
+
+    @property
+    def span(self) -> str:
+        a, b = self.ranks
+        if a == b:
+            return f"{a}"
+        if self.step == 1:
+            return f"{a}-{b}"
+        members = list(range(a, b + 1, self.step))
+        return ",".join(map(str, members)) if len(members) <= 4 else f"{a}-{b}/{self.step}"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "states": self.states, "total": self.total}
@@ -125,7 +156,7 @@ class RankEstimate:
 
 def for_rank(rows: list[RankEstimate], rank: int) -> RankEstimate | None:
     """The estimate that holds for ``rank``."""
-    return next((r for r in rows if r.ranks[0] <= rank <= r.ranks[1]), None)
+    return next((r for r in rows if r.holds(rank)), None)
 
 
 def table(rows: list[RankEstimate]) -> str:
@@ -134,10 +165,10 @@ def table(rows: list[RankEstimate]) -> str:
             f"{'in flight':>9} {'total':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        span = f"{r.ranks[0]}" if r.ranks[0] == r.ranks[1] else f"{r.ranks[0]}-{r.ranks[1]}"
-        lines.append(f"{r.role:<22} {span:<8} {r.params / MiB:>10.3f} {r.grads / MiB:>10.3f} {r.optimizer / MiB:>10.3f} "
+        lines.append(f"{r.role:<22} {r.span:<8} {r.params / MiB:>10.3f} {r.grads / MiB:>10.3f} {r.optimizer / MiB:>10.3f} "
                      f"{r.buffers / MiB:>10.3f} {r.activations / MiB:>10.3f} {r.in_flight:>9d} {r.total / MiB:>10.3f}" + (f"  {r.note}" if r.note else ""))
-    return "\n".join(lines) + "\n(MiB per rank; total = params + grads + optimizer + buffers + activations x in flight)"
+    return "\n".join(lines) + ("\n(MiB per rank; total = params + grads + optimizer + buffers + activations x in flight"
+                               + (", or the activations' peak where a note says so)" if any(r.activations_peak is not None for r in rows) else ")"))
 
 
 # ---------------------------------------------------------------------- measured
@@ -169,10 +200,15 @@ class MemoryWatch:
     * activations: the allocator's growth across that step's first forward (hooks on the model,
       ``attach``), i.e. what the forward and its loss keep for backward;
     * peak: on CUDA ``max_memory_allocated`` since the baseline; on CPU states + activations.
+
+    ``counted``: where the strategy counts its own tensors instead (model_parallel: a pipeline
+    rank's stages run traced copies, not the model's forward, and the whole model exists before
+    the cut), a callable giving ``(model-state bytes, activation peak bytes)`` at ``at_step``.
     """
 
-    def __init__(self, estimate: RankEstimate, device: torch.device, at_step: int = 2) -> None:
-        self.estimate, self.device, self.at_step = estimate, device, at_step
+    def __init__(self, estimate: RankEstimate, device: torch.device, at_step: int = 2,
+                 counted: Callable[[], tuple[float, float] | None] | None = None) -> None:
+        self.estimate, self.device, self.at_step, self.counted = estimate, device, at_step, counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.base = allocated_bytes(device)
@@ -199,23 +235,27 @@ class MemoryWatch:
         self._armed = self._armed or step == self.at_step - 1
         if step != self.at_step or self.measured:
             return
-        states = allocated_bytes(self.device) - self.base
+        counted = self.counted() if self.counted is not None else None
+        states: float = allocated_bytes(self.device) - self.base
         acts: float = self._fwd[1] - self._fwd[0] if len(self._fwd) == 2 else float("nan")
         peak: float
-        if self.device.type == "cuda":
+        if counted is not None:
+            states, acts = counted
+            peak = states + acts
+        elif self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             peak = states + acts
         e = self.estimate
         err = lambda m, x: m / x - 1 if x else float("nan")  # noqa: E731
         self.measured = {"step": step, "states_bytes": states, "activations_bytes": acts, "peak_bytes": peak,
-                         "estimated_states_bytes": e.states, "estimated_activations_bytes": e.activations * e.in_flight,
+                         "estimated_states_bytes": e.states, "estimated_activations_bytes": e.live_activations,
                          "estimated_peak_bytes": e.total, "states_error": err(states, e.states),
-                         "activations_error": err(acts, e.activations * e.in_flight), "peak_error": err(peak, e.total)}
+                         "activations_error": err(acts, e.live_activations), "peak_error": err(peak, e.total)}
         m = self.measured
         log.info("memory at step %d (%s): model states measured %.2f MiB vs estimated %.2f MiB (%+.1f%%); activations "
                  "%.2f vs %.2f MiB (%+.1f%%); peak %.2f vs %.2f MiB (%+.1f%%)", step, e.role, states / MiB, e.states / MiB,
-                 100 * m["states_error"], acts / MiB, e.activations * e.in_flight / MiB, 100 * m["activations_error"],
+                 100 * m["states_error"], acts / MiB, e.live_activations / MiB, 100 * m["activations_error"],
                  peak / MiB, e.total / MiB, 100 * m["peak_error"])
 
     def summary(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from torch import nn
 from disttrain import estimate, footprint
 from disttrain.bottleneck import DataWaitCheck
 from disttrain.errors import ConfigError
+from disttrain.strategies.parameter_server import memory as ps_memory
 from tests.distributed import run_python, run_torchrun
 
 # MLP(8 -> 16 -> 1), the model of every test here: 8*16 + 16 + 16*1 + 1 = 161 float32 parameters
@@ -63,11 +64,13 @@ def test_layouts_split_the_hand_figures():
     zero = {st: estimate.layout(S("deepspeed", zero_stage=st, extra_config=bucket), fp, 4)[0] for st in (0, 1, 2, 3)}
     assert [(z.params, z.grads, z.optimizer, z.buffers) for z in zero.values()] == [
         (1200, 1200, 2400, 0), (1200, 1200, 600, 0), (1200, 300, 600, 0), (300, 300, 600, 4000)]
-    server, worker = estimate.layout(S("parameter_server", num_servers=2), fp, 5)
-    assert server.ranks == (0, 1) and worker.ranks == (2, 4)
-    assert (server.params, server.optimizer, server.activations * server.in_flight) == (600, 1200, 0)
-    assert (worker.params, worker.grads, worker.optimizer, worker.total) == (1200, 1200, 0, 2500)
-    assert footprint.for_rank([server, worker], 3) is worker
+    # parameter server, dedicated: 2 servers holding shards of 3 tensors (by hand), 3 workers
+    sizes, optim = [800, 300, 100], [1600, 600, 200]
+    s0, s1, worker = ps_memory.rank_estimates("dedicated", 5, [[0], [1, 2]], sizes, sizes, optim, 100)
+    assert (s0.ranks, s0.params, s0.grads, s0.optimizer, s0.total) == ((0, 0), 800, 800, 1600, 3200)
+    assert (s1.ranks, s1.params, s1.optimizer, s1.total) == ((1, 1), 400, 800, 1600)
+    assert worker.ranks == (2, 4) and (worker.params, worker.grads, worker.optimizer, worker.total) == (1200, 1200, 0, 2500)
+    assert footprint.for_rank([s0, s1, worker], 3) is worker
 
 
 SMALL = ["data=synthetic", "model=mlp", "model.hidden=16", "model.depth=1", "optimizer=adam"]
@@ -89,6 +92,79 @@ def test_estimate_command_and_estimate_only(tmp_path, capsys):
     res = run_python(["-m", "disttrain", "strategy=single", "trainer.estimate_only=true", *SMALL], cwd=tmp_path, timeout=100)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "memory estimate: strategy=single" in res.stdout and not list(tmp_path.glob("outputs/*/summary.json"))
+
+
+def test_parameter_server_colocated_shards_by_hand():
+    """servers=colocated at 3 ranks over MLP(8 -> 16 -> 1)'s tensors [w0 512 B, b0 64, w1 64, b1 4]:
+    largest first to the least loaded shard (ties: the lower shard, the lower tensor) gives
+    shard 0 = {w0}, shard 1 = {b0, b1}, shard 2 = {w1}. Each rank: the whole worker (P + G + A, no
+    optimizer state) plus its shard's parameters, gradient and Adam state (2 x bytes + a 4-byte
+    step per tensor)."""
+    rows, text = estimate.run(["strategy=parameter_server", "data.batch_size=30", *SMALL], world_size=3)
+    shard_p = [512, 64 + 4, 64]
+    shard_o = [2 * 512 + 4, 2 * (64 + 4) + 2 * 4, 2 * 64 + 4]
+    assert [r.ranks for r in rows] == [(0, 0), (1, 1), (2, 2)]
+    for r, row in enumerate(rows):
+        assert (row.params, row.grads, row.optimizer) == (P + shard_p[r], P + shard_p[r], shard_o[r])
+        assert row.activations == act_bytes(10) and row.in_flight == 1  # 30 samples over 3 workers
+    assert sum(shard_o) == ADAM and "worker + shard 1" in text
+    ded = estimate.run(["strategy=parameter_server", "strategy.servers=dedicated", "strategy.num_servers=2",
+                        "data.batch_size=30", *SMALL], world_size=5)[0]  # 2 servers: {w0}, {b0, w1, b1}
+    assert [(r.ranks, r.params, r.optimizer) for r in ded] == [
+        ((0, 0), 512, 2 * 512 + 4), ((1, 1), 64 + 64 + 4, 2 * (64 + 64 + 4) + 3 * 4), ((2, 4), P, 0)]
+    assert ded[2].activations == act_bytes(10)
+
+
+# a 2-stage pipeline over MLP(8 -> 16 -> 1): stage 0 = layers.0 (Linear 8->16) + layers.1 (ReLU),
+# stage 1 = layers.2 (Linear 16->1)
+STAGE_P = [(8 * 16 + 16) * 4, (16 + 1) * 4]
+
+
+def stage_act(b: int) -> list[int]:
+    """Saved for backward per micro-batch of b samples, by hand: stage 0 the input of layers.0
+    (b x 8) and the ReLU's output (b x 16); stage 1 its own input to layers.2 (b x 16). The loss is
+    outside the placed modules (not counted by the cost model)."""
+    return [b * (8 + 16) * 4, b * 16 * 4]
+
+
+@pytest.mark.parametrize("schedule, in_flight", [("gpipe", [4, 4]), ("1f1b", [2, 1])])
+def test_model_parallel_stages_by_hand(schedule, in_flight):
+    """K=2 stages x D=2 replicas (world 4), M=4: batch 32 -> 16 per replica -> micro-batches of 4.
+    GPipe keeps all M micro-batches in flight on every stage; 1F1B min(M, K - stage). Adam: state
+    2 x the parameter bytes (the cost model's ratio; per-tensor step scalars not counted)."""
+    rows, text = estimate.run(["strategy=model_parallel", "strategy.pipeline_size=2", f"strategy.schedule={schedule}",
+                               "strategy.microbatches=4", "strategy.placement=[{modules:[layers.0-1]},{modules:[layers.2]}]",
+                               "data.batch_size=32", *SMALL], world_size=4)
+    assert [r.ranks for r in rows] == [(0, 2), (1, 3)] and footprint.for_rank(rows, 2) is rows[0]
+    for s, row in enumerate(rows):
+        assert (row.params, row.grads, row.optimizer) == (STAGE_P[s], STAGE_P[s], 2 * STAGE_P[s])
+        assert (row.activations, row.in_flight) == (stage_act(4)[s], in_flight[s])
+        assert row.total == 4 * STAGE_P[s] + in_flight[s] * stage_act(4)[s]
+    assert sum(STAGE_P) == P and "micro-batch=4 samples" in text and "stage 1" in text
+
+
+def test_model_parallel_interleaved_and_auto():
+    """interleaved_1f1b, K=2 x V=2 over MLP(8 -> 16 -> 16 -> 1) (layers.0-4): rank 0 holds stages
+    0 and 2, rank 1 stages 1 and 3 (torch's loop mapping). Parameters per rank by hand; the
+    activations' peak is the cost model's (it plays torch's own order), between one micro-batch
+    of the rank's larger stage and M of all its stages. ``placement: auto`` profiles a real CPU
+    stand-in and splits every parameter exactly once over the 2 ranks."""
+    deep = [*SMALL, "model.depth=2"]
+    rows, _ = estimate.run(["strategy=model_parallel", "strategy.pipeline_size=2", "strategy.schedule=interleaved_1f1b",
+                            "strategy.microbatches=4", "strategy.placement=[{modules:[layers.0-1]},{modules:[layers.2]},"
+                            "{modules:[layers.3]},{modules:[layers.4]}]", "data.batch_size=16", *deep], world_size=2)
+    b = 4
+    assert [r.role for r in rows] == ["stages 0,2", "stages 1,3"]
+    assert [r.params for r in rows] == [(8 * 16 + 16) * 4, (16 * 16 + 16) * 4 + (16 + 1) * 4]
+    per_micro = [b * (8 + 16) * 4 + b * 16 * 4, b * 16 * 4 + b * 16 * 4]  # (layers.0 in, relu out) + relu out; inputs of layers.2, .4
+    for row, a in zip(rows, per_micro):
+        assert row.activations == a and row.activations_peak is not None
+        assert max(b * 24 * 4, b * 16 * 4) <= row.activations_peak <= 4 * a
+        assert row.total == row.params * 4 + row.activations_peak
+    auto, _ = estimate.run(["strategy=model_parallel", "strategy.pipeline_size=2", "data.batch_size=16", *deep], world_size=2)
+    mlp_p = (8 * 16 + 16 + 16 * 16 + 16 + 16 + 1) * 4
+    assert len(auto) == 2 and sum(r.params for r in auto) == mlp_p and all(r.params > 0 for r in auto)
+    assert all(r.optimizer == 2 * r.params and r.in_flight == 4 for r in auto)
 
 
 def test_data_wait_check_by_hand():

@@ -62,13 +62,15 @@ class Prediction:
 def profile(model: nn.Module, units: Sequence[str], args: tuple, loss: Callable[[Any], torch.Tensor],
             optim_ratio: float, repeats: int = 3) -> list[UnitCost]:
     """Costs of ``units`` of ``model`` on the micro-batch ``args`` (``loss(output)`` -> scalar),
-    in the order forward first calls them; ``optim_ratio``: optimizer-state bytes per parameter byte."""
+    in the order forward first calls them; ``optim_ratio``: optimizer-state bytes per parameter byte.
+    A model on the meta device gives every byte figure (times are then meaningless)."""
     mods = {n: model.get_submodule(n) for n in units}
     order: list[str] = []
     fwd: dict[str, list[float]] = {n: [] for n in units}
     act: dict[str, int] = dict.fromkeys(units, 0)
     current: list[str | None] = [None]
-    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    # storages by identity, not address: on the meta device (python -m disttrain.estimate) every address is 0
+    params = {t.untyped_storage()._cdata for t in model.parameters()}
     sync = _sync_fn(next(model.parameters()).device)
     t_enter: dict[str, float] = {}
 
@@ -89,7 +91,7 @@ def profile(model: nn.Module, units: Sequence[str], args: tuple, loss: Callable[
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         name = current[0]
-        if name is not None and counting[0] and t.untyped_storage().data_ptr() not in params:
+        if name is not None and counting[0] and t.untyped_storage()._cdata not in params:
             act[name] += t.numel() * t.element_size()
         return t
 
