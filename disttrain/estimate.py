@@ -99,7 +99,7 @@ def _parameter_server(strategy: Any, fp: Footprint, world: int, subject: Subject
     from disttrain.strategies.parameter_server.protocol import ShardLayout
 
     if world == 1:  # one process: no server, plain training with the user's optimizer
-        return _replicated("single (no server)")(strategy, fp, world)
+        return _replicated("single (no server)")(strategy, fp, world, subject)
     sub = _needs(subject, "parameter_server")
     ranks = RankLayout.build(strategy.servers_kind, world, strategy.num_servers)
     shards = ShardLayout(list(sub.skeleton.parameters()), len(ranks.servers)).shards
