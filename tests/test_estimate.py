@@ -113,6 +113,8 @@ def test_parameter_server_colocated_shards_by_hand():
     assert [(r.ranks, r.params, r.optimizer) for r in ded] == [
         ((0, 0), 512, 2 * 512 + 4), ((1, 1), 64 + 64 + 4, 2 * (64 + 64 + 4) + 3 * 4), ((2, 4), P, 0)]
     assert ded[2].activations == act_bytes(10)
+    (alone,) = estimate.run(["strategy=parameter_server", "data.batch_size=30", *SMALL], world_size=1)[0]
+    assert (alone.params, alone.optimizer, alone.activations) == (P, ADAM, act_bytes(30))  # no server in one process
 
 
 # a 2-stage pipeline over MLP(8 -> 16 -> 1): stage 0 = layers.0 (Linear 8->16) + layers.1 (ReLU),
@@ -141,6 +143,31 @@ def test_model_parallel_stages_by_hand(schedule, in_flight):
         assert (row.activations, row.in_flight) == (stage_act(4)[s], in_flight[s])
         assert row.total == 4 * STAGE_P[s] + in_flight[s] * stage_act(4)[s]
     assert sum(STAGE_P) == P and "micro-batch=4 samples" in text and "stage 1" in text
+    split, _ = estimate.run(["strategy=model_parallel", "strategy.pipeline_size=2", f"strategy.schedule={schedule}",
+                             "strategy.split_points=[layers.2]", "data.batch_size=32", *SMALL], world_size=4)
+    assert split == rows  # the same stages named by their first module
+
+
+def test_model_parallel_run_compares_the_strategys_own_counts():
+    """In a run, the watch for a pipeline rank reads the strategy's per-rank report (its tensors)
+    at the report step, not the allocator (which saw the whole model before the cut)."""
+    est = footprint.RankEstimate("stage 1", (1, 3), 100.0, 100.0, 200.0, 10.0, in_flight=4, step=2)
+
+    class Pipe:
+        def memory_report(self):
+            return [{"params": 1.0, "grads": 1.0, "optimizer": 2.0, "activations_peak": 4.0},
+                    {"params": 100.0, "grads": 100.0, "optimizer": 200.0, "activations_peak": 50.0}]
+
+    watch = footprint.MemoryWatch(est, torch.device("cpu"), counted=lambda: estimate._pipeline_counted(Pipe(), 1))
+    watch.observe(1)
+    watch.observe(2)
+    m = watch.summary()["memory"]
+    assert (m["states_bytes"], m["activations_bytes"], m["peak_bytes"]) == (400.0, 50.0, 450.0)
+    assert (m["estimated_peak_bytes"], m["states_error"]) == (440.0, 0.0) and m["activations_error"] == pytest.approx(0.25)
+    assert est.holds(3) and not est.holds(2) and est.span == "1,3"
+    with pytest.raises(ConfigError, match="one process"):
+        estimate.run(["strategy=model_parallel", "strategy.placement=[{modules:[layers.0-1],device:cpu},"
+                      "{modules:[layers.2],device:cpu}]", *SMALL], world_size=1)
 
 
 def test_model_parallel_interleaved_and_auto():
