@@ -148,6 +148,22 @@ def test_model_parallel_stages_by_hand(schedule, in_flight):
     assert split == rows  # the same stages named by their first module
 
 
+def test_cost_profile_counts_the_same_bytes_on_meta_as_on_real_tensors():
+    """The estimate profiles pinned placements on the meta device; the strategy profiles real
+    tensors: the byte figures agree, and equal the hand count (times are meaningless on meta)."""
+    from disttrain.strategies.model_parallel import cost
+
+    def run(device):
+        with torch.device(device):
+            model = mlp()
+        x = torch.randn(4, 8, device=device)
+        return [(u.name, u.param_bytes, u.grad_bytes, u.optim_bytes, u.act_bytes)
+                for u in cost.profile(model, ["0", "1", "2"], (x,), lambda out: out.sum(), 2.0, repeats=0)]
+
+    assert run("meta") == run("cpu") == [("0", 576, 576, 1152, 4 * 8 * 4), ("1", 0, 0, 0, 4 * 16 * 4),
+                                         ("2", 68, 68, 136, 4 * 16 * 4)]
+
+
 def test_model_parallel_run_compares_the_strategys_own_counts():
     """In a run, the watch for a pipeline rank reads the strategy's per-rank report (its tensors)
     at the report step, not the allocator (which saw the whole model before the cut)."""
