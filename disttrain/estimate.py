@@ -14,7 +14,8 @@ over the ranks, from its documented options only:
 * parameter_server (disttrain/strategies/parameter_server/memory.py): the real shard assignment
   over the meta model's parameters (whole tensors, so shards are uneven). ``servers=colocated``:
   rank r holds P + G + A as a worker and shard r's parameters, gradient and optimizer state;
-  ``servers=dedicated``: server j holds shard j (its P, G, O), every worker P + G + A.
+  ``servers=dedicated``: server j holds shard j (its P, G, O), every worker P + G + A. A worker's
+  buffers: its reply buffer for each shard's pulled parameters (P in all).
 * model_parallel (disttrain/strategies/model_parallel/memory.py): one row per pipeline rank (its
   data-parallel replicas alike): its stages' P, G, O and one micro-batch's activations (batch /
   dp / microbatches samples) times the micro-batches the schedule keeps in flight, from the
@@ -96,15 +97,16 @@ def _deepspeed(strategy: Any, fp: Footprint, world: int, subject: Subject | None
 def _parameter_server(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:
     from disttrain.strategies.parameter_server import memory
     from disttrain.strategies.parameter_server.layout import RankLayout
-    from disttrain.strategies.parameter_server.protocol import ShardLayout
+    from disttrain.strategies.parameter_server.protocol import REPLY_PREFIX, ShardLayout
 
     if world == 1:  # one process: no server, plain training with the user's optimizer
         return _replicated("single (no server)")(strategy, fp, world, subject)
     sub = _needs(subject, "parameter_server")
     ranks = RankLayout.build(strategy.servers_kind, world, strategy.num_servers)
-    shards = ShardLayout(list(sub.skeleton.parameters()), len(ranks.servers)).shards
-    return memory.rank_estimates(ranks.kind, world, shards, sub.param_bytes, sub.grad_bytes, sub.optim_bytes,
-                                 fp.activations)
+    shards = ShardLayout(list(sub.skeleton.parameters()), len(ranks.servers))
+    reply = float(sum(REPLY_PREFIX + n for n in shards.numel) * shards.dtype.itemsize)
+    return memory.rank_estimates(ranks.kind, world, shards.shards, sub.param_bytes, sub.grad_bytes, sub.optim_bytes,
+                                 fp.activations, reply)
 
 
 def _model_parallel(strategy: Any, fp: Footprint, world: int, subject: Subject | None = None) -> list[RankEstimate]:

@@ -66,10 +66,10 @@ def test_layouts_split_the_hand_figures():
         (1200, 1200, 2400, 0), (1200, 1200, 600, 0), (1200, 300, 600, 0), (300, 300, 600, 4000)]
     # parameter server, dedicated: 2 servers holding shards of 3 tensors (by hand), 3 workers
     sizes, optim = [800, 300, 100], [1600, 600, 200]
-    s0, s1, worker = ps_memory.rank_estimates("dedicated", 5, [[0], [1, 2]], sizes, sizes, optim, 100)
+    s0, s1, worker = ps_memory.rank_estimates("dedicated", 5, [[0], [1, 2]], sizes, sizes, optim, 100, 1216)
     assert (s0.ranks, s0.params, s0.grads, s0.optimizer, s0.total) == ((0, 0), 800, 800, 1600, 3200)
     assert (s1.ranks, s1.params, s1.optimizer, s1.total) == ((1, 1), 400, 800, 1600)
-    assert worker.ranks == (2, 4) and (worker.params, worker.grads, worker.optimizer, worker.total) == (1200, 1200, 0, 2500)
+    assert worker.ranks == (2, 4) and (worker.params, worker.grads, worker.optimizer, worker.total) == (1200, 1200, 0, 3716)
     assert footprint.for_rank([s0, s1, worker], 3) is worker
 
 
@@ -99,7 +99,7 @@ def test_parameter_server_colocated_shards_by_hand():
     largest first to the least loaded shard (ties: the lower shard, the lower tensor) gives
     shard 0 = {w0}, shard 1 = {b0, b1}, shard 2 = {w1}. Each rank: the whole worker (P + G + A, no
     optimizer state) plus its shard's parameters, gradient and Adam state (2 x bytes + a 4-byte
-    step per tensor)."""
+    step per tensor); buffers: the worker's reply buffer per shard (its floats + 2 header floats)."""
     rows, text = estimate.run(["strategy=parameter_server", "data.batch_size=30", *SMALL], world_size=3)
     shard_p = [512, 64 + 4, 64]
     shard_o = [2 * 512 + 4, 2 * (64 + 4) + 2 * 4, 2 * 64 + 4]
@@ -107,12 +107,13 @@ def test_parameter_server_colocated_shards_by_hand():
     for r, row in enumerate(rows):
         assert (row.params, row.grads, row.optimizer) == (P + shard_p[r], P + shard_p[r], shard_o[r])
         assert row.activations == act_bytes(10) and row.in_flight == 1  # 30 samples over 3 workers
+        assert row.buffers == (161 + 2 * 3) * 4
     assert sum(shard_o) == ADAM and "worker + shard 1" in text
     ded = estimate.run(["strategy=parameter_server", "strategy.servers=dedicated", "strategy.num_servers=2",
                         "data.batch_size=30", *SMALL], world_size=5)[0]  # 2 servers: {w0}, {b0, w1, b1}
     assert [(r.ranks, r.params, r.optimizer) for r in ded] == [
         ((0, 0), 512, 2 * 512 + 4), ((1, 1), 64 + 64 + 4, 2 * (64 + 64 + 4) + 3 * 4), ((2, 4), P, 0)]
-    assert ded[2].activations == act_bytes(10)
+    assert ded[2].activations == act_bytes(10) and ded[2].buffers == (161 + 2 * 2) * 4 and ded[0].buffers == 0
     (alone,) = estimate.run(["strategy=parameter_server", "data.batch_size=30", *SMALL], world_size=1)[0]
     assert (alone.params, alone.optimizer, alone.activations) == (P, ADAM, act_bytes(30))  # no server in one process
 
