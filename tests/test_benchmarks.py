@@ -232,6 +232,7 @@ def test_pipeline_benchmark_summary_by_hand():
     assert "| DP2 x PP2 | 20.0 | 3200 |" in md and "in 1 of 2 configurations" in md
 
 
+@pytest.mark.slow  # each module's own figures are tested by hand above; this is the whole tool, minutes
 @pytest.mark.timeout(600)
 def test_straggler_and_pipeline_modes_run_in_the_tool(tmp_path):
     """The sync-vs-async straggler comparison and the pipeline-bubble comparison run from the

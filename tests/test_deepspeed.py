@@ -126,6 +126,7 @@ def test_session_loop_and_checkpoint_roundtrip(tmp_path):
 
 
 # --------------------------------------------------------------------------- the CLI
+@pytest.mark.slow  # the oracle tests above prove the engine; this is the app end to end
 @pytest.mark.timeout(420)
 def test_cli_trains_digits(tmp_path):
     out = tmp_path / "run"

@@ -66,6 +66,7 @@ def test_horovod_matches_single_process_on_gathered_batch(accum, clip):
 
 
 # --------------------------------------------------------------------------- the CLI
+@pytest.mark.slow  # the oracle tests above prove the engine; this is the app end to end
 @pytest.mark.timeout(420)
 def test_cli_trains_digits(tmp_path):
     out = tmp_path / "run"

@@ -673,6 +673,7 @@ def _check_shard_files(directory: Path, keys_by_rank: dict[int, set[str]]) -> No
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun
+@pytest.mark.slow  # DP2 x PP2 equals the unsplit model in test_dp2_pp2_...; this is the app end to end
 @pytest.mark.timeout(300)
 def test_cli_trains_digits_on_dp2_x_pp2(tmp_path):
     proc = run_torchrun(

@@ -23,15 +23,16 @@ from tests.distributed import run_distributed
 from tests.test_checkpoint import _Payload
 
 # (name, strategy, options): strategies whose killed runs are resumed here
+# (dedicated parameter servers resume exactly in test_parameter_server.py's mid-run checkpoint test)
 RESUMABLE = [
-    ("ps", "parameter_server", {"servers": "dedicated", "num_servers": 1, "max_staleness": 0}),
     ("ps-colocated", "parameter_server", {"servers": "colocated", "max_staleness": 0}),
     ("zero3", "deepspeed", {"zero_stage": 3}),
     ("horovod", "horovod", {"rendezvous_timeout_s": 15}),
 ]
+PS_DEDICATED = {"servers": "dedicated", "num_servers": 1, "max_staleness": 0}
 PAYLOAD = [
     ("ddp", "ddp", {}),
-    ("ps", "parameter_server", {"servers": "dedicated", "num_servers": 1, "max_staleness": 0}),
+    ("ps", "parameter_server", PS_DEDICATED),
     ("zero1", "deepspeed", {"zero_stage": 1}),
     ("zero3", "deepspeed", {"zero_stage": 3}),
     ("pipeline", "model_parallel", {"microbatches": 2}),
@@ -133,8 +134,11 @@ def _references(root: str) -> dict:
     for name, strategy, options in RESUMABLE:
         out[name] = _fit(strategy, options, f"{root}/full-{name}", STEPS, None, offset)
         offset += 10
-    # a parameter-server run stopped by max_steps mid-epoch (servers never run the loop)
-    out["ps-stopped"] = _fit("parameter_server", RESUMABLE[0][2], f"{root}/stopped-ps", STEPS // 2, None, offset)
+    # a parameter-server run stopped by max_steps mid-epoch (dedicated servers never run the
+    # loop), and the uninterrupted run it must end equal to
+    out["ps"] = _fit("parameter_server", PS_DEDICATED, f"{root}/full-ps", STEPS, None, offset)
+    offset += 10
+    out["ps-stopped"] = _fit("parameter_server", PS_DEDICATED, f"{root}/stopped-ps", STEPS // 2, None, offset)
     offset += 10
     for name, strategy, options in PAYLOAD:
         out[f"payload-{name}"] = _payload_check(name, strategy, options, root, offset)
@@ -146,7 +150,7 @@ def _resume_all(root: str) -> dict:
     out = {}
     for i, (name, strategy, options) in enumerate(RESUMABLE):
         out[name] = _fit(strategy, options, f"{root}/killed-{name}", STEPS, "auto", 10 * i)
-    out["ps-stopped"] = _fit("parameter_server", RESUMABLE[0][2], f"{root}/stopped-ps", STEPS, "auto", 40)
+    out["ps-stopped"] = _fit("parameter_server", PS_DEDICATED, f"{root}/stopped-ps", STEPS, "auto", 40)
     return out
 
 

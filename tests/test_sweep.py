@@ -81,6 +81,7 @@ def test_bad_arguments():
         sweep.expand(["sweep_dir=a,b"])
 
 
+@pytest.mark.slow  # the plan and the table are tested above; this launches the jobs
 @pytest.mark.timeout(240)
 def test_real_sweep_of_torchrun_jobs(tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "sweep"
