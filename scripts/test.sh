@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, with its own set-up. Extra arguments go to pytest, e.g. scripts/test.sh -k ddp.
 # CI runs it as it is; `scripts/test.sh --full` adds the tests marked slow (second proofs of what the
-# default run proves, and end-to-end runs of the benchmark tool: about 7 more minutes).
+# default run proves, and end-to-end runs of the benchmark tool: about 12 more minutes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # dev tools plus the engines the tests exercise for real: DeepSpeed (an extra) and Horovod (built

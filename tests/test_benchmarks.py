@@ -151,6 +151,7 @@ def test_external_modes_are_optional(monkeypatch):
 
 
 # ---------------------------------------------------------------------- end to end
+@pytest.mark.slow  # the whole tool, every mode; each mode's arithmetic is tested by hand above
 @pytest.mark.timeout(900)
 def test_tiny_sweep_end_to_end(tmp_path):
     """Four real torchrun launches (scaling at N=1 and 2, the overhead job, comm at N=2), then the

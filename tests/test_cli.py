@@ -80,7 +80,7 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, overrides, message):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("nproc,repeats", [(2, 2), (4, 1), pytest.param(4, 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc,repeats", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow)])
 def test_repeated_launches_exit_cleanly(tmp_path, nproc, repeats):
     """gloo's worker thread can abort the process at interpreter exit if the process group
     outlives the model; every launch must exit with code 0."""

@@ -23,6 +23,7 @@ def test_adapting_the_plain_loop_changes_at_most_five_lines():
         assert line.strip() in readme, f"README does not show {line!r}"
 
 
+@pytest.mark.slow  # the same script runs under every strategy in test_plugin.py, and under torchrun from the wheel
 @pytest.mark.timeout(240)
 def test_adapted_loop_runs_under_torchrun(tmp_path):
     res = run_torchrun([], nproc=2, cwd=tmp_path, module="examples.adapted_loop")

@@ -271,6 +271,7 @@ def test_checkpoint_of_four_ranks_resumes_at_two(four, resumed):
 
 # --------------------------------------------------------------------------- the CLI
 @pytest.mark.timeout(420)
+@pytest.mark.slow  # the app end to end (bf16, activation checkpointing, export); the oracles above prove fsdp
 def test_cli_trains_digits(tmp_path):
     out = tmp_path / "run"
     proc = run_torchrun(

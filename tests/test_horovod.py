@@ -56,7 +56,7 @@ def _trainer_worker(accum: int, clip: float | None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("accum,clip", [(1, None), (2, 0.5)])
+@pytest.mark.parametrize("accum,clip", [pytest.param(1, None, marks=pytest.mark.slow), (2, 0.5)])
 def test_horovod_matches_single_process_on_gathered_batch(accum, clip):
     results = run_distributed(_trainer_worker, WORLD, accum, clip, timeout=280)
     assert [r[1] for r in results] == [K_STEPS] * WORLD

@@ -263,7 +263,7 @@ LOCAL_LAUNCHERS = {
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", [  # local.sh's torchrun line is multinode.sh's on one node: --full
-    pytest.param(n, marks=pytest.mark.slow) if n == "launchers/local.sh" else n for n in LOCAL_LAUNCHERS])
+    pytest.param(n, marks=pytest.mark.slow) if n != "scripts/train.sh" else n for n in LOCAL_LAUNCHERS])
 def test_shipped_launcher_listens_on_loopback_only(name, tmp_path):
     """Every TCP socket that the launcher or any of its workers listens on while a 2-process job
     runs (torchrun's rendezvous store, gloo's pair sockets, anything else) is on loopback."""

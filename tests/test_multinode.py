@@ -158,8 +158,8 @@ STRATEGIES = {
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) if s != "ddp" else s
-                                      for s in STRATEGIES])
+# network namespaces, minutes: --full (two torchrun agents as two nodes on loopback: test_env.py, every run)
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) for s in STRATEGIES])
 def test_two_nodes_equal_one_node(strategy, tmp_path):
     if not (ROOT / "conf" / "strategy" / f"{strategy}.yaml").exists():
         pytest.skip(f"conf/strategy/{strategy}.yaml has not landed yet")

@@ -337,6 +337,7 @@ def _world_worker(run_dir: str, max_steps):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # the data position's remap is proven below, fsdp's resharding resume in test_fsdp.py
 @pytest.mark.parametrize("before,after", [(4, 2)])
 def test_resume_at_another_world_size(before: int, after: int, tmp_path: Path) -> None:
     want = run_distributed(_world_worker, before, str(tmp_path / "oracle"), None, timeout=140)[0]

@@ -22,7 +22,8 @@ STRATEGIES = {
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) if s == "ddp" else s
+                                      for s in STRATEGIES])  # ddp: the README loop and the app tests
 def test_char_gpt_trains_through_the_app(strategy, tmp_path):
     from tests.distributed import ROOT
 
